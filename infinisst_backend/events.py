@@ -6,8 +6,9 @@ event can be routed to the request whose audio caused it.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
