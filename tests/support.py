@@ -1,0 +1,147 @@
+"""Tiny models, audio and engine helpers shared by the engine tests."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from infinisst_backend.config import (
+    SAMPLE_RATE,
+    DecodingConfig,
+    EngineConfig,
+    LLMConfig,
+    ModelConfig,
+    PromptConfig,
+    SpeechEncoderConfig,
+)
+from infinisst_backend.engine import Engine
+from infinisst_backend.events import RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
+from infinisst_backend.model import InfiniSSTModel
+from infinisst_backend.tokenizers_util import add_infinisst_tokens, smollm2_tokenizer
+
+CHATML_PROMPT = dict(
+    template="chatml",
+    system_text="Translate the following speeches from English to {language} as a simultaneous interpreter.",
+    latency_tokens=[],
+    eos_tokens=["<|im_end|>", "<|endoftext|>"],
+)
+
+
+@functools.lru_cache(maxsize=2)
+def tokenizer_for(template: str):
+    tokenizer = smollm2_tokenizer()
+    add_infinisst_tokens(tokenizer, template)
+    return tokenizer
+
+
+def tiny_model_config(template: str = "chatml", architecture: str = "qwen2", vocab_size: int = 0) -> ModelConfig:
+    prompt = PromptConfig(**CHATML_PROMPT) if template == "chatml" else PromptConfig()
+    speech = SpeechEncoderConfig(
+        conv_layers=[(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16, 2, 2)] * 2,
+        embed_dim=32,
+        num_layers=2,
+        num_heads=4,
+        ffn_dim=64,
+        max_cache_frames=120,
+    )
+    llm = LLMConfig(
+        architecture=architecture,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+        rope_theta=10_000.0,
+        attention_bias=architecture == "qwen2",
+    )
+    return ModelConfig(speech_encoder=speech, llm=llm, prompt=prompt, dtype="float64")
+
+
+def build_tiny_model(template: str = "chatml", dtype=torch.float64, seed: int = 0, eos_boost: float = 3.0):
+    """(model, tokenizer, model_cfg): seeded random weights; EOS rows boosted so turns vary in length."""
+    tokenizer = tokenizer_for(template)
+    cfg = tiny_model_config(template, "qwen2" if template == "chatml" else "llama", vocab_size=len(tokenizer))
+    torch.manual_seed(seed)
+    model = InfiniSSTModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or ".2.1.weight" in name or "layer_norm.weight" in name:
+                p.fill_(1.0)
+            elif "rotary_emb" not in name:
+                p.normal_(0.0, 0.2 if p.ndim > 1 else 0.02)
+        lm_head = model.llm.lm_head.weight
+        for token in cfg.prompt.eos_tokens:
+            lm_head[tokenizer.convert_tokens_to_ids(token)] *= eos_boost
+    return model.to(dtype).eval(), tokenizer, cfg
+
+
+def engine_config(**overrides) -> EngineConfig:
+    base = dict(
+        dtype="float64",
+        max_batch_size=8,
+        max_prefill_tokens=512,
+        page_size=4,
+        num_pages=4096,
+        max_streams=64,
+        max_llm_cache_tokens=160,
+        batch_timeout_s=0.0,
+        default_language="German",
+    )
+    base.update(overrides)
+    return EngineConfig(**base)
+
+
+def make_engine(model_bundle, **overrides) -> Engine:
+    model, tokenizer, cfg = model_bundle
+    return Engine(model, tokenizer, cfg, engine_config(**overrides))
+
+
+def random_audio(rng: np.random.Generator, seconds: float) -> np.ndarray:
+    """Speech-like noise: amplitude-modulated tones plus noise, float32 in [-1, 1]."""
+    n = int(seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    freq = rng.uniform(100, 400)
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(1, 4) * t)
+    signal = 0.3 * envelope * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(n)
+    return np.clip(signal, -1, 1).astype(np.float32)
+
+
+def split_randomly(rng: np.random.Generator, audio: np.ndarray, max_piece: int = 40_000) -> list[np.ndarray]:
+    pieces, start = [], 0
+    while start < audio.size:
+        n = int(rng.integers(1, max_piece))
+        pieces.append(audio[start : start + n])
+        start += n
+    return pieces
+
+
+def collect(events, stream_id) -> dict:
+    """Per-stream view of engine events: turn ids, text, done tags, errors, finish reason."""
+    out = {"turns": [], "text": "", "done": [], "errors": [], "finished": None}
+    for e in events:
+        if e.stream_id != stream_id:
+            continue
+        if isinstance(e, TurnEnded):
+            out["turns"].append(list(e.token_ids))
+        elif isinstance(e, TextDelta):
+            out["text"] += e.text
+        elif isinstance(e, RequestDone):
+            out["done"].append(e.tag)
+        elif isinstance(e, StreamError):
+            out["errors"].append((e.tag, e.code, e.message))
+        elif isinstance(e, StreamFinished):
+            out["finished"] = e.reason
+    return out
+
+
+def run_alone(model_bundle, audio: np.ndarray, language: str, m: int, decoding: DecodingConfig, **overrides) -> dict:
+    engine = make_engine(model_bundle, **overrides)
+    engine.open_stream("solo", language, m, decoding)
+    engine.add_audio("solo", audio, tag=0, end=True)
+    engine.run_until_idle()
+    return collect(engine.events, "solo")

@@ -1,0 +1,248 @@
+"""Engine tests on CPU: scheduling invariance, scheduler properties, admission, bounded memory, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from infinisst_backend.config import SAMPLES_PER_UNIT, DecodingConfig
+from infinisst_backend.errors import CapacityError, InvalidArgument, UnknownStream
+from infinisst_backend.scheduler import DECODE, PREFILL, worst_case_pages
+
+from .support import build_tiny_model, collect, make_engine, random_audio, run_alone, split_randomly
+
+LANGUAGES = ["German", "Chinese", "es", "fr"]
+GREEDY = DecodingConfig(beam_size=1)
+BEAM4 = DecodingConfig(beam_size=4)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return build_tiny_model("chatml", torch.float64)
+
+
+@pytest.fixture(scope="module")
+def llama_bundle():
+    return build_tiny_model("llama3", torch.float64, seed=1)
+
+
+def _interleaved_run(engine, streams, rng):
+    """Feed every stream's pieces in a random global order, stepping the engine at random moments."""
+    cursors = {sid: 0 for sid in streams}
+    pending = list(streams)
+    opened = set()
+    while pending:
+        sid = pending[int(rng.integers(len(pending)))]
+        pieces, language, m, decoding = streams[sid]
+        if sid not in opened:
+            engine.open_stream(sid, language, m, decoding)
+            opened.add(sid)
+        k = cursors[sid]
+        engine.add_audio(sid, pieces[k], tag=(sid, k), end=k == len(pieces) - 1)
+        cursors[sid] += 1
+        if cursors[sid] == len(pieces):
+            pending.remove(sid)
+        for _ in range(int(rng.integers(0, 4))):
+            engine.step()
+    engine.run_until_idle()
+
+
+@pytest.mark.parametrize("decodings", [(GREEDY,), (BEAM4, GREEDY)], ids=["greedy", "beam4+greedy"])
+def test_scheduling_invariance(bundle, decodings):
+    """16 concurrent streams, mixed languages and m, random pieces and arrival order -> same ids as alone."""
+    rng = np.random.default_rng(1234 + len(decodings))
+    streams, audios = {}, {}
+    for i in range(16):
+        m = int(rng.integers(1, 4))
+        seconds = float(rng.uniform(0.5, 4.5 if decodings[0] is GREEDY else 2.5))
+        audio = random_audio(rng, seconds)
+        decoding = decodings[i % len(decodings)]
+        streams[f"s{i}"] = (split_randomly(rng, audio), LANGUAGES[i % len(LANGUAGES)], m, decoding)
+        audios[f"s{i}"] = audio
+    engine = make_engine(bundle, max_batch_size=6)
+    _interleaved_run(engine, streams, rng)
+    assert max(r.num_rows for r in engine.step_records) > 1, "the run never batched"
+    for sid, (pieces, language, m, decoding) in streams.items():
+        got = collect(engine.events, sid)
+        alone = run_alone(bundle, audios[sid], language, m, decoding)
+        assert got["errors"] == []
+        assert got["finished"] == "end"
+        assert len(got["turns"]) == -(-audios[sid].size // (SAMPLES_PER_UNIT * m))
+        assert got["turns"] == alone["turns"], sid
+        assert got["text"] == alone["text"]
+        assert got["done"] == [(sid, k) for k in range(len(pieces))]
+    assert engine.runner.pool.num_free == engine.runner.pool.num_pages
+
+
+def test_llama3_template_streams(llama_bundle):
+    """The llama3 template with a llama model runs the same engine (two streams, beam and greedy)."""
+    rng = np.random.default_rng(7)
+    engine = make_engine(llama_bundle)
+    audio = {sid: random_audio(rng, 2.5) for sid in ("a", "b")}
+    engine.open_stream("a", "de", 1, GREEDY)
+    engine.open_stream("b", "zh", 2, BEAM4)
+    for sid in audio:
+        engine.add_audio(sid, audio[sid], end=True)
+    engine.run_until_idle()
+    for sid, m, dec, lang in (("a", 1, GREEDY, "de"), ("b", 2, BEAM4, "zh")):
+        got = collect(engine.events, sid)
+        assert got["turns"] == run_alone(llama_bundle, audio[sid], lang, m, dec)["turns"]
+        assert all(len(t) <= 10 * m - 1 for t in got["turns"])
+
+
+def test_scheduler_properties(bundle):
+    """Prefill before decode, one phase per batch, batch <= max, every stream progresses, budget respected."""
+    rng = np.random.default_rng(5)
+    engine = make_engine(bundle, max_batch_size=4, max_prefill_tokens=80)
+    checked = {"prefill": 0, "decode": 0}
+    original = engine.scheduler.schedule
+
+    def checking_schedule(streams, hint, now):
+        step = original(streams, hint, now)
+        if step is None:
+            return None
+        if step.phase == DECODE:
+            assert not any(s.ready_for_prefill for s in streams), "decode ran while a prefill was ready"
+            assert all(s.turn is not None for s in step.streams)
+            assert step.num_rows <= 4
+        else:
+            assert step.phase == PREFILL
+            assert all(s.turn is None and s.chunks for s in step.streams)
+            assert len(step.streams) <= 4
+            assert len(step.streams) == 1 or step.num_tokens <= 80
+        checked[step.phase] += 1
+        return step
+
+    engine.scheduler.schedule = checking_schedule
+    for i in range(10):
+        engine.open_stream(i, LANGUAGES[i % 4], 1 + i % 2, BEAM4 if i % 3 == 0 else GREEDY)
+    for _ in range(3):  # three chunks for everyone, arriving while others decode
+        for i in range(10):
+            engine.add_audio(i, random_audio(rng, 0.96 * (1 + i % 2)))
+            engine.step()
+    for i in range(10):
+        engine.add_audio(i, np.zeros(0, np.float32), end=True)
+    engine.run_until_idle()
+    assert checked["prefill"] > 3 and checked["decode"] > 3
+    for i in range(10):
+        got = collect(engine.events, i)
+        assert len(got["turns"]) == 3 and got["finished"] == "end"
+    assert max(r.num_rows for r in engine.step_records if r.phase == PREFILL) > 1
+
+
+def test_admission_refuses_beyond_capacity(bundle):
+    engine = make_engine(bundle, num_pages=400, max_llm_cache_tokens=160)
+    opened = 0
+    with pytest.raises(CapacityError, match="capacity") as info:
+        for i in range(100):
+            engine.open_stream(i, "German", 1, GREEDY)
+            opened += 1
+    assert info.value.code == "UNAVAILABLE"
+    assert 1 <= opened < 100
+    # The streams already admitted run normally to the end.
+    rng = np.random.default_rng(0)
+    for i in range(opened):
+        engine.add_audio(i, random_audio(rng, 2.0), end=True)
+    engine.run_until_idle()
+    for i in range(opened):
+        assert collect(engine.events, i)["finished"] == "end"
+    engine.open_stream("late", "German", 1, GREEDY)  # room again once they have ended
+    limited = make_engine(bundle, max_streams=2)
+    limited.open_stream(1)
+    limited.open_stream(2)
+    with pytest.raises(CapacityError, match="max_streams"):
+        limited.open_stream(3)
+
+
+def test_ten_minute_stream_has_bounded_memory(bundle):
+    """A 10-minute stream keeps its pages bounded (sliding window) and returns them all at the end."""
+    model, tokenizer, cfg = bundle
+    fast = (model.float(), tokenizer, cfg)
+    try:
+        engine = make_engine(fast, dtype="float32", max_llm_cache_tokens=120)
+        engine.open_stream("long", "German", 2, GREEDY)
+        rng = np.random.default_rng(3)
+        peak = 0
+        for _ in range(600 // 30):
+            engine.add_audio("long", random_audio(rng, 30.0))
+            engine.run_until_idle()
+            peak = max(peak, engine.runner.pool.num_pages - engine.runner.pool.num_free)
+            stream = engine._streams["long"]
+            assert stream.kv.num_tokens <= stream.system_len + 120  # the window, after each turn
+        assert stream.turns_done == int(600 / 1.92)
+        assert stream.kv.num_tokens > 100  # the window was in use, not empty
+        assert 0 < peak <= worst_case_pages(engine.cfg, 2, 1, stream.system_len)
+        engine.add_audio("long", np.zeros(0, np.float32), end=True)
+        engine.run_until_idle()
+        assert engine.runner.pool.num_free == engine.runner.pool.num_pages
+    finally:
+        model.double()
+
+
+def test_cancel_and_errors_leave_no_leak_and_no_damage(bundle):
+    rng = np.random.default_rng(11)
+    engine = make_engine(bundle)
+    healthy_audio = random_audio(rng, 3.0)
+    engine.open_stream("healthy", "German", 1, GREEDY)
+    engine.open_stream("victim", "German", 1, BEAM4)
+    engine.open_stream("bad", "German", 1, GREEDY)
+    engine.add_audio("victim", random_audio(rng, 3.0))
+    engine.add_audio("healthy", healthy_audio[:20000], tag=0)
+    for _ in range(3):
+        engine.step()
+    engine.cancel_stream("victim")
+    # Bad requests raise at once and change nothing.
+    with pytest.raises(InvalidArgument, match="NaN"):
+        engine.add_audio("bad", np.array([0.1, np.nan], np.float32))
+    with pytest.raises(InvalidArgument, match="maximum per request"):
+        engine.add_audio("bad", np.zeros(16000 * 61, np.float32))
+    with pytest.raises(InvalidArgument, match="1-D"):
+        engine.add_audio("bad", np.zeros((2, 3), np.float32))
+    with pytest.raises(InvalidArgument, match="real numbers"):
+        engine.add_audio("bad", np.array(["a"]))
+    with pytest.raises(UnknownStream, match="start a new sequence"):
+        engine.add_audio("never-opened", np.zeros(10, np.float32))
+    with pytest.raises(InvalidArgument, match="already open"):
+        engine.open_stream("healthy")
+    with pytest.raises(InvalidArgument, match="Klingon"):
+        engine.open_stream("x", "Klingon")
+    with pytest.raises(InvalidArgument, match="latency multiplier"):
+        engine.open_stream("y", "German", 5)
+    engine.add_audio("healthy", healthy_audio[20000:], tag=1, end=True)
+    engine.add_audio("bad", np.zeros(0, np.float32), end=True)
+    engine.run_until_idle()
+    victim = collect(engine.events, "victim")
+    assert victim["finished"] == "cancelled"
+    assert [code for _, code, _ in victim["errors"]] == ["CANCELLED"]
+    with pytest.raises(UnknownStream):
+        engine.add_audio("victim", np.zeros(10, np.float32))
+    healthy = collect(engine.events, "healthy")
+    assert healthy["turns"] == run_alone(bundle, healthy_audio, "German", 1, GREEDY)["turns"]
+    assert healthy["done"] == [0, 1]
+    assert collect(engine.events, "bad")["finished"] == "end"
+    assert engine.runner.pool.num_free == engine.runner.pool.num_pages
+    assert engine.admission.reserved_pages == 0 and engine.admission.open_streams == 0
+
+
+def test_engine_thread_and_shutdown(bundle):
+    """The background thread serves streams; shutdown gives every open request an error and frees all."""
+    rng = np.random.default_rng(2)
+    engine = make_engine(bundle)
+    engine.start()
+    engine.open_stream("a", "German", 1, GREEDY)
+    audio = random_audio(rng, 2.0)
+    engine.add_audio("a", audio, tag="a0", end=True)
+    engine.open_stream("b", "German", 1, GREEDY)
+    engine.add_audio("b", random_audio(rng, 0.5), tag="b0")  # no END: still open at shutdown
+    import time
+
+    deadline = time.monotonic() + 30
+    while collect(list(engine.events), "a")["finished"] is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.shutdown()
+    a, b = collect(engine.events, "a"), collect(engine.events, "b")
+    assert a["finished"] == "end" and a["done"] == ["a0"]
+    assert a["turns"] == run_alone(bundle, audio, "German", 1, GREEDY)["turns"]
+    assert b["finished"] == "shutdown" and [code for _, code, _ in b["errors"]] == ["UNAVAILABLE"]
+    assert engine.runner.pool.num_free == engine.runner.pool.num_pages
