@@ -239,6 +239,9 @@ class EngineConfig:
     max_streams: int = 256
     max_llm_cache_tokens: int = 1000  # the paper's max_llm_cache_size
     batch_timeout_s: float = 0.005  # idle engine waits this long for a fuller prefill batch
+    # "iteration": ORCA-style, new work joins at the next step (prefill first).
+    # "static": a batch decodes to the end of its turns before new prefills join (a baseline, not for serving).
+    scheduling: str = "iteration"
     default_language: str = "German"
     default_latency_multiplier: int = 1
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
@@ -257,6 +260,8 @@ class EngineConfig:
             _fail("num_pages", self.num_pages, ">= 0")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             _fail("kv_memory_fraction", self.kv_memory_fraction, "in (0, 1]")
+        if self.scheduling not in ("iteration", "static"):
+            _fail("scheduling", self.scheduling, "'iteration' or 'static'")
         if self.batch_timeout_s < 0:
             _fail("batch_timeout_s", self.batch_timeout_s, ">= 0")
         if not 1 <= self.default_latency_multiplier <= MAX_LATENCY_MULTIPLIER:

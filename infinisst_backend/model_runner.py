@@ -94,4 +94,4 @@ class ModelRunner:
 
     def compact(self, seq: SequenceKV, keep: int, cut: int) -> None:
         """Drop cached tokens [keep, cut) and re-rotate the tail (turn-aligned eviction)."""
-        self.kv.compact(seq, keep, cut, self.model.llm.rope_inv_freq)
+        self.kv.compact(seq, keep, cut, self.model.llm.inv_freq)

@@ -58,6 +58,8 @@ class Scheduler:
         """Pick the next step, or None when there is nothing to do (or a short wait for a fuller batch pays)."""
         ready = sorted((s for s in streams if s.ready_for_prefill), key=lambda s: s.chunks[0].arrival)
         decoding = sorted((s for s in streams if s.turn is not None), key=lambda s: s.turn.started)
+        if self.cfg.scheduling == "static" and decoding:
+            return self._decode(decoding)  # the baseline: no new work joins a running batch
         if ready:
             step = self._prefill(ready, system_len_hint)
             if decoding or len(step.streams) >= self.cfg.max_batch_size:
