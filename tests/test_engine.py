@@ -55,7 +55,7 @@ def test_scheduling_invariance(bundle, decodings):
     streams, audios = {}, {}
     for i in range(16):
         m = int(rng.integers(1, 4))
-        seconds = float(rng.uniform(0.5, 4.5 if decodings[0] is GREEDY else 2.5))
+        seconds = float(rng.uniform(0.5, 3.5 if decodings[0] is GREEDY else 2.5))
         audio = random_audio(rng, seconds)
         decoding = decodings[i % len(decodings)]
         streams[f"s{i}"] = (split_randomly(rng, audio), LANGUAGES[i % len(LANGUAGES)], m, decoding)
@@ -94,7 +94,7 @@ def test_llama3_template_streams(llama_bundle):
 def test_scheduler_properties(bundle):
     """Prefill before decode, one phase per batch, batch <= max, every stream progresses, budget respected."""
     rng = np.random.default_rng(5)
-    engine = make_engine(bundle, max_batch_size=4, max_prefill_tokens=80)
+    engine = make_engine(bundle, max_batch_size=4, max_prefill_tokens=120)
     checked = {"prefill": 0, "decode": 0}
     original = engine.scheduler.schedule
 
@@ -110,17 +110,19 @@ def test_scheduler_properties(bundle):
             assert step.phase == PREFILL
             assert all(s.turn is None and s.chunks for s in step.streams)
             assert len(step.streams) <= 4
-            assert len(step.streams) == 1 or step.num_tokens <= 80
+            assert len(step.streams) == 1 or step.num_tokens <= 120
         checked[step.phase] += 1
         return step
 
     engine.scheduler.schedule = checking_schedule
     for i in range(10):
         engine.open_stream(i, LANGUAGES[i % 4], 1 + i % 2, BEAM4 if i % 3 == 0 else GREEDY)
-    for _ in range(3):  # three chunks for everyone, arriving while others decode
+    for _ in range(3):  # three chunks for everyone, arriving in bursts while others decode
         for i in range(10):
             engine.add_audio(i, random_audio(rng, 0.96 * (1 + i % 2)))
-            engine.step()
+            if i % 5 == 4:
+                for _ in range(4):
+                    engine.step()
     for i in range(10):
         engine.add_audio(i, np.zeros(0, np.float32), end=True)
     engine.run_until_idle()
@@ -155,29 +157,32 @@ def test_admission_refuses_beyond_capacity(bundle):
         limited.open_stream(3)
 
 
-def test_ten_minute_stream_has_bounded_memory(bundle):
+def test_ten_minute_stream_has_bounded_memory():
     """A 10-minute stream keeps its pages bounded (sliding window) and returns them all at the end."""
-    model, tokenizer, cfg = bundle
-    fast = (model.float(), tokenizer, cfg)
-    try:
-        engine = make_engine(fast, dtype="float32", max_llm_cache_tokens=120)
-        engine.open_stream("long", "German", 2, GREEDY)
-        rng = np.random.default_rng(3)
-        peak = 0
-        for _ in range(600 // 30):
-            engine.add_audio("long", random_audio(rng, 30.0))
-            engine.run_until_idle()
-            peak = max(peak, engine.runner.pool.num_pages - engine.runner.pool.num_free)
-            stream = engine._streams["long"]
-            assert stream.kv.num_tokens <= stream.system_len + 120  # the window, after each turn
-        assert stream.turns_done == int(600 / 1.92)
-        assert stream.kv.num_tokens > 100  # the window was in use, not empty
-        assert 0 < peak <= worst_case_pages(engine.cfg, 2, 1, stream.system_len)
-        engine.add_audio("long", np.zeros(0, np.float32), end=True)
-        engine.run_until_idle()
-        assert engine.runner.pool.num_free == engine.runner.pool.num_pages
-    finally:
-        model.double()
+    # float32 and short turns (EOS likely) keep this under half a minute on 2 cores.
+    fast = build_tiny_model("chatml", torch.float32, seed=4, eos_boost=8.0)
+    engine = make_engine(fast, dtype="float32", max_llm_cache_tokens=150)
+    engine.open_stream("long", "German", 4, GREEDY)
+    rng = np.random.default_rng(3)
+    peak, evictions = 0, []
+    compact = engine.runner.compact
+    engine.runner.compact = lambda seq, keep, cut: (evictions.append(cut - keep), compact(seq, keep, cut))
+    for _ in range(600 // 30):
+        for _ in range(8):  # 30 s of audio in pieces, translated as it comes
+            engine.add_audio("long", random_audio(rng, 30.0 / 8))
+            while engine.step():
+                stream = engine._streams["long"]
+                peak = max(peak, engine.runner.pool.num_pages - engine.runner.pool.num_free)
+                if stream.turn is None:
+                    assert stream.kv.num_tokens <= stream.system_len + 150  # the window, after each turn
+    assert stream.turns_done == int(600 / 3.84)
+    assert len(evictions) > 50 and stream.kv.num_tokens > 100  # the window was in use and slid many times
+    assert 0 < peak <= worst_case_pages(engine.cfg, 4, 1, stream.system_len)
+    assert stream.speech_cache.frames_cached <= fast[2].speech_encoder.max_cache_frames
+    engine.add_audio("long", np.zeros(0, np.float32), end=True)
+    engine.run_until_idle()
+    assert collect(engine.events, "long")["finished"] == "end"
+    assert engine.runner.pool.num_free == engine.runner.pool.num_pages
 
 
 def test_cancel_and_errors_leave_no_leak_and_no_damage(bundle):
@@ -244,5 +249,14 @@ def test_engine_thread_and_shutdown(bundle):
     a, b = collect(engine.events, "a"), collect(engine.events, "b")
     assert a["finished"] == "end" and a["done"] == ["a0"]
     assert a["turns"] == run_alone(bundle, audio, "German", 1, GREEDY)["turns"]
-    assert b["finished"] == "shutdown" and [code for _, code, _ in b["errors"]] == ["UNAVAILABLE"]
+    assert b["finished"] == "shutdown" and b["done"] == ["b0"] and b["errors"] == []
     assert engine.runner.pool.num_free == engine.runner.pool.num_pages
+    # Requests still in flight at shutdown get an error (so the server can send their FINAL).
+    idle = make_engine(bundle)
+    idle.open_stream("c", "German", 1, GREEDY)
+    idle.add_audio("c", random_audio(rng, 2.0), tag="c0")
+    idle.step()  # the first chunk's turn is now running
+    idle.shutdown()
+    c = collect(idle.events, "c")
+    assert c["finished"] == "shutdown" and [(t, code) for t, code, _ in c["errors"]] == [("c0", "UNAVAILABLE")]
+    assert idle.runner.pool.num_free == idle.runner.pool.num_pages
