@@ -115,7 +115,7 @@ class LLMConfig:
             "head_dim": self.head_dim,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,  # HF edits it in place
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": self.hidden_act,
             "max_position_embeddings": 131_072,
