@@ -8,6 +8,7 @@ the inbox between steps, so new work joins at the next step.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from .config import MAX_LATENCY_MULTIPLIER, SAMPLE_RATE, DecodingConfig, EngineConfig, ModelConfig
-from .decoding import make_turn_decoder
+from .decoding import GreedyTurn, greedy_step, make_turn_decoder
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineError, InvalidArgument, UnknownStream
 from .events import Event, RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
@@ -274,11 +275,25 @@ class Engine:
         rows = [row for s in streams for row in s.turn.rows]
         tokens = [tok for s in streams for tok in s.turn.tokens]
         logits = self.runner.decode(rows, tokens)
-        offset = 0
-        for stream in streams:
-            n = len(stream.turn.rows)
-            self._guarded(stream, self._advance, stream, logits[offset : offset + n])
-            offset += n
+        offsets = list(itertools.accumulate((len(s.turn.rows) for s in streams), initial=0))
+        # Greedy streams (one row each) take one batched decoding step; beams step per stream.
+        greedy = [i for i, s in enumerate(streams) if isinstance(s.turn.decoder, GreedyTurn)]
+        steps = dict(zip(greedy, self._greedy_steps([streams[i] for i in greedy], logits, offsets, greedy)))
+        for i, stream in enumerate(streams):
+            if i in steps:
+                self._guarded(stream, self._apply, stream, steps[i])
+            else:
+                self._guarded(stream, self._advance, stream, logits[offsets[i] : offsets[i + 1]])
+
+    def _greedy_steps(self, streams: list[Stream], logits: torch.Tensor, offsets: list[int], index: list[int]):
+        if not streams:
+            return []
+        rows = torch.tensor([offsets[i] for i in index], device=logits.device)
+        try:
+            return greedy_step([s.turn.decoder for s in streams], logits[rows])
+        except Exception:  # find the culprit: step each stream alone so only it fails
+            logger.exception("batched greedy step failed; stepping streams one by one")
+            return [_LazyStep(s, logits[offsets[i] : offsets[i] + 1]) for s, i in zip(streams, index)]
 
     def _guarded(self, stream: Stream, fn, *args) -> None:
         """Run per-stream work; a failure fails only this stream."""
@@ -290,9 +305,14 @@ class Engine:
             self._finish(stream, "error", code, f"processing of stream {stream.id!r} failed: {e}")
 
     def _advance(self, stream: Stream, logits: torch.Tensor) -> None:
-        """Feed one step's logits to the stream's turn decoder and apply its decision to the caches."""
+        """Feed one step's logits to the stream's turn decoder and apply its decision."""
+        self._apply(stream, stream.turn.decoder.step(logits))
+
+    def _apply(self, stream: Stream, step) -> None:
+        """Apply a decoding step to the stream: snapshots, streamed text, turn end or the next rows."""
+        if isinstance(step, _LazyStep):
+            step = step.resolve()
         turn = stream.turn
-        step = turn.decoder.step(logits)
         for row in step.snapshots:
             turn.snapshots.append(turn.rows[row].fork())
         if step.committed:
@@ -427,6 +447,16 @@ class Engine:
             self._on_event(event)
         except Exception:
             logger.exception("event callback failed for %r", event)
+
+
+class _LazyStep:
+    """A decoding step computed when applied, so that a failure is attributed to its own stream."""
+
+    def __init__(self, stream: Stream, logits: torch.Tensor):
+        self.stream, self.logits = stream, logits
+
+    def resolve(self):
+        return self.stream.turn.decoder.step(self.logits)
 
 
 def _release_turn(turn: Turn) -> None:

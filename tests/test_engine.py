@@ -55,17 +55,22 @@ def test_scheduling_invariance(bundle, decodings):
     streams, audios = {}, {}
     for i in range(16):
         m = int(rng.integers(1, 4))
-        seconds = float(rng.uniform(0.5, 3.5 if decodings[0] is GREEDY else 2.5))
+        seconds = float(rng.uniform(0.5, 8.0 if decodings[0] is GREEDY else 5.0))
         audio = random_audio(rng, seconds)
         decoding = decodings[i % len(decodings)]
         streams[f"s{i}"] = (split_randomly(rng, audio), LANGUAGES[i % len(LANGUAGES)], m, decoding)
         audios[f"s{i}"] = audio
-    engine = make_engine(bundle, max_batch_size=6)
+    engine = make_engine(bundle, max_batch_size=6, max_llm_cache_tokens=100)
+    evictions = []
+    compact = engine.runner.compact
+    engine.runner.compact = lambda seq, keep, cut: (evictions.append(cut), compact(seq, keep, cut))
     _interleaved_run(engine, streams, rng)
     assert max(r.num_rows for r in engine.step_records) > 1, "the run never batched"
+    assert sum(len(collect(engine.events, sid)["turns"]) for sid in streams) > 30
+    assert len(evictions) >= 3, "the LLM window never slid"
     for sid, (pieces, language, m, decoding) in streams.items():
         got = collect(engine.events, sid)
-        alone = run_alone(bundle, audios[sid], language, m, decoding)
+        alone = run_alone(bundle, audios[sid], language, m, decoding, max_llm_cache_tokens=100)
         assert got["errors"] == []
         assert got["finished"] == "end"
         assert len(got["turns"]) == -(-audios[sid].size // (SAMPLES_PER_UNIT * m))
