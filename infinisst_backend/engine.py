@@ -332,9 +332,9 @@ class Engine:
         turn = stream.turn
         source = turn.rows[result.cache_row] if result.cache_row is not None else turn.snapshots[result.cache_snapshot]
         stream.kv = source.fork()
+        self._emit_text(stream, stream.detok.add(result.emitted_ids[turn.committed :]) + stream.detok.end_turn())
         _release_turn(turn)
         stream.turn = None
-        self._emit_text(stream, stream.detok.add(result.emitted_ids[turn.committed :]) + stream.detok.end_turn())
         stream.remember_target(result.emitted_ids, stream.decoding.ngram_lookback)
         stream.turns_done += 1
         self.counters["turns"] += 1
@@ -350,10 +350,10 @@ class Engine:
         self._flush_requests(stream)
 
     def _emit_text(self, stream: Stream, text: str) -> None:
+        """Text of the running turn goes to the request whose audio completed the turn's chunk."""
         if text:
-            tag = stream.turn.chunk.request.tag if stream.turn else stream.requests[0].tag
-            seconds = stream.turn.chunk.source_seconds if stream.turn else stream.samples_read / SAMPLE_RATE
-            self._emit(TextDelta(stream.id, tag, text, seconds))
+            chunk = stream.turn.chunk
+            self._emit(TextDelta(stream.id, chunk.request.tag, text, chunk.source_seconds))
 
     def _flush_requests(self, stream: Stream) -> None:
         for tag in stream.pop_done_requests():

@@ -1,0 +1,1 @@
+"""Client side of the ``infinisst`` Triton model: streaming API, command-line tools and load-test helpers."""
