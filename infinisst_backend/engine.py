@@ -69,6 +69,9 @@ class Engine:
         self.admission = Admission(cfg, num_pages)
         self._system_len_hint = self.prompts.first_turn(self.default_language, 1).system_len
         self._on_event = on_event
+        # Test hook for fault injection: called as fault_hook(stream_id) inside each stream's own processing
+        # step; whatever it raises fails that stream only (the reliability tests use it through the server).
+        self.fault_hook: Callable[[Hashable], None] | None = None
         self.events: deque[Event] = deque()  # used when no callback is given
         self.step_records: deque[StepRecord] = deque(maxlen=100_000)
         self._lock = threading.Lock()
@@ -310,6 +313,8 @@ class Engine:
 
     def _apply(self, stream: Stream, step) -> None:
         """Apply a decoding step to the stream: snapshots, streamed text, turn end or the next rows."""
+        if self.fault_hook is not None:
+            self.fault_hook(stream.id)
         if isinstance(step, _LazyStep):
             step = step.resolve()
         turn = stream.turn

@@ -265,3 +265,24 @@ def test_engine_thread_and_shutdown(bundle):
     c = collect(idle.events, "c")
     assert c["finished"] == "shutdown" and [(t, code) for t, code, _ in c["errors"]] == [("c0", "UNAVAILABLE")]
     assert idle.runner.pool.num_free == idle.runner.pool.num_pages
+
+
+def test_fault_in_one_stream_fails_only_that_stream(bundle):
+    rng = np.random.default_rng(21)
+    engine = make_engine(bundle)
+    audio = {sid: random_audio(rng, 3.0) for sid in ("ok", "doomed")}
+
+    def hook(stream_id):
+        if stream_id == "doomed":
+            raise RuntimeError("injected fault")
+
+    engine.fault_hook = hook
+    for sid in audio:
+        engine.open_stream(sid, "German", 1, GREEDY)
+        engine.add_audio(sid, audio[sid], tag=sid, end=True)
+    engine.run_until_idle()
+    doomed, ok = collect(engine.events, "doomed"), collect(engine.events, "ok")
+    assert doomed["finished"] == "error" and [t for t, _, m in doomed["errors"] if "injected fault" in m] == ["doomed"]
+    assert ok["finished"] == "end" and ok["errors"] == []
+    assert ok["turns"] == run_alone(bundle, audio["ok"], "German", 1, GREEDY)["turns"]
+    assert engine.runner.pool.num_free == engine.runner.pool.num_pages
