@@ -1,0 +1,222 @@
+"""GPU tests: FlashInfer attention against the torch reference. Skipped without CUDA or flashinfer.
+
+Run on a GPU machine with ``python -m pytest -m gpu tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from infinisst_backend.attention import AttentionBatch, TorchAttention
+from infinisst_backend.config import (
+    SAMPLES_PER_UNIT,
+    DecodingConfig,
+    EngineConfig,
+    LLMConfig,
+    ModelConfig,
+    PromptConfig,
+    SpeechEncoderConfig,
+)
+from infinisst_backend.kv_cache import PagedKVCache
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="needs flashinfer"),
+]
+
+PAGE = 16
+
+
+def _cfg(**overrides) -> EngineConfig:
+    base = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer", page_size=PAGE, num_pages=512)
+    base.update(overrides)
+    return EngineConfig(**base)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _random_batch(gen: torch.Generator, qo_lens: list[int], ctx_lens: list[int], num_pages: int):
+    """Page tables drawn from a shuffled pool (so pages are scattered), kv_len = ctx + q."""
+    order = torch.randperm(num_pages, generator=gen).tolist()
+    tables, kv_lens = [], []
+    for q, c in zip(qo_lens, ctx_lens):
+        kv = q + c
+        n = -(-kv // PAGE)
+        tables.append(order[:n])
+        order = order[n:]
+        kv_lens.append(kv)
+    return AttentionBatch.build(qo_lens, tables, kv_lens, PAGE, device="cuda")
+
+
+@pytest.mark.parametrize(
+    "qo_lens, ctx_lens",
+    [
+        ([22, 1, 40, 7, 16], [0, 300, 1000, 15, 33]),  # prefill: mixed prompt lengths, empty and long caches
+        ([1, 1, 1, 1, 1, 1], [0, 1, 15, 16, 517, 1040]),  # decode: every page-boundary case
+    ],
+    ids=["prefill", "decode"],
+)
+# head_dim 128 only: every other head size is one more FlashInfer kernel to compile (about a minute each).
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(8, 2, 128), (4, 4, 128)])
+def test_flashinfer_matches_torch_attention(qo_lens, ctx_lens, num_heads, num_kv_heads, head_dim):
+    from infinisst_backend.flashinfer_attention import FlashInferAttention
+
+    gen = torch.Generator().manual_seed(sum(qo_lens) + head_dim)
+    num_pages = 256
+    batch = _random_batch(gen, qo_lens, ctx_lens, num_pages)
+    assert batch.is_decode == all(q == 1 for q in qo_lens)
+    cache = PagedKVCache(1, num_pages, PAGE, num_kv_heads, head_dim, torch.bfloat16, "cuda")
+    cache.data.normal_(generator=None)
+    kv_ref, kv_fi = cache.kv_layers[0].clone(), cache.kv_layers[0].clone()
+    t = batch.num_tokens
+    q = torch.randn(t, num_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(t, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(t, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+
+    ref = TorchAttention()
+    ref.plan(batch)
+    out_ref = ref.forward(0, q, k, v, kv_ref)
+    fi = FlashInferAttention(_cfg())
+    fi.plan(batch)
+    out_fi = fi.forward(0, q, k, v, kv_fi)
+
+    assert torch.equal(kv_fi, kv_ref), "K/V must be written at exactly the same slots"
+    assert torch.isfinite(out_fi).all()
+    assert _rel(out_fi, out_ref) < 1e-2
+    # Against float64 on the same bf16 inputs: FlashInfer is as close as the float32 torch path.
+    ref64 = TorchAttention()
+    ref64.plan(batch)
+    out64 = ref64.forward(0, q.double(), k.double(), v.double(), kv_ref.double())
+    assert _rel(out_fi, out64) < 1e-2
+
+    # A second layer reuses the plan: same metadata, new data.
+    q2 = torch.randn_like(q)
+    assert _rel(fi.forward(1, q2, k, v, kv_fi), ref.forward(1, q2, k, v, kv_ref)) < 1e-2
+
+
+def test_flashinfer_rejects_cpu():
+    from infinisst_backend.flashinfer_attention import FlashInferAttention
+
+    with pytest.raises(ValueError, match="CUDA"):
+        FlashInferAttention(_cfg(device="cpu"))
+
+
+# ------------------------------------------------------------------ a small model end to end
+
+
+def _tiny_tokenizer():
+    """A word-level chatml tokenizer with InfiniSST's tokens (no files): 512 ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<sp_patch>", "<sp_start>", "<sp_end>"]
+    vocab = {"<unk>": 0, **{tok: i + 1 for i, tok in enumerate(specials)}}
+    vocab.update({f"w{i}": i for i in range(len(vocab), 512)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s+"), behavior="merged_with_next")
+    backend.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    return tokenizer
+
+
+def _tiny_model():
+    from infinisst_backend.model import InfiniSSTModel
+
+    speech = SpeechEncoderConfig(
+        conv_layers=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2,
+        embed_dim=64,
+        num_layers=2,
+        num_heads=4,
+        ffn_dim=128,
+        max_cache_frames=96,
+    )
+    llm = LLMConfig(
+        architecture="qwen2",
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=10_000.0,
+        attention_bias=True,
+    )
+    prompt = PromptConfig(
+        template="chatml",
+        system_text="Translate the following speeches from English to {language} as a simultaneous interpreter.",
+        latency_tokens=[],
+        eos_tokens=["<|im_end|>", "<|endoftext|>"],
+    )
+    cfg = ModelConfig(speech_encoder=speech, llm=llm, prompt=prompt, dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = InfiniSSTModel(cfg)
+    model.llm.rope.inv_freq = model.llm.rope.inv_freq.cpu()  # a plain CPU tensor, which the context moved
+    return model.to(torch.bfloat16).eval(), cfg
+
+
+def test_runner_flashinfer_matches_torch_with_eviction():
+    """Prefill, decode steps and a turn-aligned compaction through both backends; the same tokens are fed."""
+    from infinisst_backend.model_runner import ModelRunner
+
+    model, _ = _tiny_model()
+    ref = ModelRunner(model, _cfg(attention_backend="torch"), 512)
+    fi = ModelRunner(model, _cfg(), 512)
+    rng = np.random.default_rng(0)
+    seqs = [(ref.new_sequence(), fi.new_sequence()) for _ in range(3)]
+    agree, errors = [], []
+    for turn in range(4):
+        speech = torch.randn(3, 12, 256, device="cuda", dtype=torch.bfloat16)
+        parts = [([1, 7, 8], speech[i], [2, 9, 1, 10]) for i in range(3)]
+        lr = ref.prefill([s[0] for s in seqs], parts)
+        lf = fi.prefill([s[1] for s in seqs], parts)
+        for _ in range(int(rng.integers(2, 6))):
+            errors.append(_rel(lf, lr))
+            agree += (lf.argmax(-1) == lr.argmax(-1)).tolist()
+            tokens = lr.argmax(-1).tolist()
+            lr = ref.decode([s[0] for s in seqs], tokens)
+            lf = fi.decode([s[1] for s in seqs], tokens)
+        if turn == 2:  # drop the middle of every sequence, keep a 5-token "system prompt"
+            for sr, sf in seqs:
+                cut = sr.num_tokens - 10
+                ref.compact(sr, 5, cut)
+                fi.compact(sf, 5, cut)
+    assert max(errors) < 2e-2
+    assert np.mean(agree) >= 0.9
+    for sr, sf in seqs:
+        sr.release()
+        sf.release()
+    assert fi.pool.num_free == fi.pool.num_pages
+
+
+def test_engine_flashinfer_greedy_and_beam_no_leak():
+    from infinisst_backend.engine import Engine
+    from infinisst_backend.events import StreamError, StreamFinished, TurnEnded
+
+    model, cfg = _tiny_model()
+    engine = Engine(model, _tiny_tokenizer(), cfg, _cfg(max_llm_cache_tokens=120, batch_timeout_s=0.0))
+    rng = np.random.default_rng(1)
+    streams = {0: DecodingConfig(beam_size=1), 1: DecodingConfig(beam_size=4), 2: DecodingConfig(beam_size=1)}
+    for sid, decoding in streams.items():
+        engine.open_stream(sid, "German", 1 + sid % 2, decoding)
+    audio = {sid: (0.1 * rng.standard_normal(6 * SAMPLES_PER_UNIT)).astype(np.float32) for sid in streams}
+    for sid, samples in audio.items():
+        engine.add_audio(sid, samples, tag="all", end=True)
+    engine.run_until_idle()
+    events = list(engine.events)
+    assert not [e for e in events if isinstance(e, StreamError)]
+    assert {e.stream_id for e in events if isinstance(e, StreamFinished)} == set(streams)
+    turns = [e for e in events if isinstance(e, TurnEnded)]
+    assert len(turns) == 6 + 3 + 6  # m=1: 6 chunks, m=2: 3 chunks
+    pool = engine.runner.pool
+    assert pool.num_free == pool.num_pages, "every page must be back in the pool"
