@@ -490,11 +490,22 @@ def _as_samples(samples) -> np.ndarray:
 
 
 def _pages_from_free_memory(model: InfiniSSTModel, cfg: EngineConfig) -> int:
-    """Size the KV pool from measured free device memory (GPU) and the configured fraction."""
+    """Size the KV pool from measured free device memory and the configured fraction.
+
+    The speech caches of ``max_streams`` streams (per layer K and V of ``max_cache_frames`` frames) are set
+    aside first: they live outside the page pool.
+    """
     if not cfg.device.startswith("cuda"):
         raise ValueError("num_pages=0 (size from free memory) needs a CUDA device; set num_pages on CPU")
     free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
-    llm = model.llm.cfg
+    llm, speech = model.llm.cfg, model.speech.cfg
     itemsize = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
     page_bytes = 2 * llm.num_hidden_layers * cfg.page_size * llm.num_key_value_heads * llm.head_dim * itemsize
-    return max(1, int(free * cfg.kv_memory_fraction) // page_bytes)
+    speech_bytes = 2 * speech.num_layers * speech.max_cache_frames * speech.embed_dim * itemsize * cfg.max_streams
+    usable = int(free * cfg.kv_memory_fraction) - speech_bytes
+    if usable < page_bytes:
+        raise ValueError(
+            f"not enough free device memory for the KV cache: {free / 2**30:.1f} GiB free, the speech caches of "
+            f"max_streams={cfg.max_streams} streams need {speech_bytes / 2**30:.1f} GiB; lower max_streams"
+        )
+    return usable // page_bytes

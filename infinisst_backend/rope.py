@@ -30,7 +30,7 @@ def inv_freq(cfg: LLMConfig) -> Tensor:
     """
     if cfg.head_dim % 2:
         raise ValueError(f"invalid llm.head_dim={cfg.head_dim}: RoPE needs an even head_dim")
-    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim
+    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.float64, device="cpu") / cfg.head_dim
     base = 1.0 / (cfg.rope_theta**exponents)
     scaling = cfg.rope_scaling or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -124,7 +124,10 @@ class RotaryEmbedding:
         key = (device, dtype)
         if key not in self._tables:
             # [P, D/2] angles in float64: exact products of an integer and a float64 frequency, rounded once.
-            angles = torch.arange(self._num_positions, dtype=torch.float64)[:, None] * self.inv_freq[None, :]
+            angles = (
+                torch.arange(self._num_positions, dtype=torch.float64, device=self.inv_freq.device)[:, None]
+                * self.inv_freq[None, :]
+            )
             self._tables[key] = (angles.cos().to(device, dtype), angles.sin().to(device, dtype))
         return self._tables[key]
 
