@@ -118,7 +118,8 @@ class AttentionBackend:
 class TorchAttention(AttentionBackend):
     """Reference implementation: gathers each sequence's pages and runs masked softmax attention.
 
-    Scores and softmax are computed in float32 (float64 for float64 inputs). One Python iteration per sequence.
+    Scores and softmax are computed in float32 (float64 for float64 inputs). Prefill steps take one Python
+    iteration per sequence; decode-only steps gather all sequences' pages at once, padded to the longest.
     """
 
     def __init__(self, scale: float | None = None):
@@ -128,12 +129,23 @@ class TorchAttention(AttentionBackend):
         self._write_offset: Tensor | None = None  # [T] offset in that page
         self._read_pages: list[Tensor] = []  # per sequence: [num_pages] page ids
         self._masks: list[Tensor] = []  # per sequence: [q_len, kv_len] bool, True where attention is allowed
+        # Decode-only steps run all sequences in one padded gather: [B, max_pages] page ids, [B, max_len] mask.
+        self._padded_pages: Tensor | None = None
+        self._padded_mask: Tensor | None = None
 
     def plan(self, batch: AttentionBatch) -> None:
         device = batch.slot_mapping.device
         self._batch = batch
         self._write_page = batch.slot_mapping // batch.page_size
         self._write_offset = batch.slot_mapping % batch.page_size
+        self._padded_pages = self._padded_mask = None
+        if batch.is_decode:
+            width = max(len(t) for t in batch.kv_page_tables)
+            table = [t + [t[-1]] * (width - len(t)) for t in batch.kv_page_tables]  # pad with a real page
+            self._padded_pages = torch.tensor(table, dtype=torch.long, device=device)
+            lens = torch.tensor(batch.kv_lens, device=device)
+            self._padded_mask = torch.arange(width * batch.page_size, device=device)[None, :] < lens[:, None]
+            return
         self._read_pages = [torch.tensor(t, dtype=torch.long, device=device) for t in batch.kv_page_tables]
         self._masks = []
         for q_len, kv_len in zip(batch.qo_lens, batch.kv_lens):
@@ -148,6 +160,8 @@ class TorchAttention(AttentionBackend):
             raise ValueError(f"q has {q.shape[0]} tokens, the planned batch has {batch.num_tokens}")
         kv_layer[self._write_page, 0, self._write_offset] = k
         kv_layer[self._write_page, 1, self._write_offset] = v
+        if self._padded_pages is not None:
+            return self._decode(q, kv_layer)
 
         out = torch.empty_like(q)
         for b, (pages, mask) in enumerate(zip(self._read_pages, self._masks)):
@@ -158,6 +172,21 @@ class TorchAttention(AttentionBackend):
             values = kv_layer[pages, 1].flatten(0, 1)[:kv_len]
             out[start:end] = self._attend(q[start:end], keys, values, mask)
         return out
+
+    def _decode(self, q: Tensor, kv_layer: Tensor) -> Tensor:
+        """One new token per sequence: every sequence at once over its pages, padded to the longest."""
+        num_seqs, num_heads, head_dim = q.shape
+        # [B, max_pages, 2, page_size, Hkv, D] -> keys/values [B, max_len, Hkv, D]
+        pages = kv_layer[self._padded_pages]
+        keys, values = pages[:, :, 0].flatten(1, 2), pages[:, :, 1].flatten(1, 2)
+        num_kv_heads = keys.shape[2]
+        compute = torch.promote_types(q.dtype, torch.float32)
+        scale = self.scale if self.scale is not None else head_dim**-0.5
+        qg = q.to(compute).view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        scores = torch.einsum("bhgd,bkhd->bhgk", qg, keys.to(compute)) * scale  # [B, Hkv, G, K]
+        scores = scores.masked_fill(~self._padded_mask[:, None, None, :], float("-inf"))
+        out = torch.einsum("bhgk,bkhd->bhgd", scores.softmax(dim=-1), values.to(compute))
+        return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
         """q ``[Q, Hq, D]``, keys/values ``[K, Hkv, D]``, mask ``[Q, K]`` -> ``[Q, Hq, D]``."""
