@@ -16,6 +16,7 @@ from infinisst_backend.config import (
     PromptConfig,
     SpeechEncoderConfig,
 )
+from infinisst_backend.demo import CHATML_SYSTEM_TEXT
 from infinisst_backend.engine import Engine
 from infinisst_backend.events import RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
 from infinisst_backend.model import InfiniSSTModel
@@ -23,7 +24,7 @@ from infinisst_backend.tokenizers_util import add_infinisst_tokens, smollm2_toke
 
 CHATML_PROMPT = dict(
     template="chatml",
-    system_text="Translate the following speeches from English to {language} as a simultaneous interpreter.",
+    system_text=CHATML_SYSTEM_TEXT,
     latency_tokens=[],
     eos_tokens=["<|im_end|>", "<|endoftext|>"],
 )
@@ -36,7 +37,10 @@ def tokenizer_for(template: str):
     return tokenizer
 
 
-def tiny_model_config(template: str = "chatml", architecture: str = "qwen2", vocab_size: int = 0) -> ModelConfig:
+def tiny_model_config(
+    template: str = "chatml", architecture: str = "qwen2", vocab_size: int = 0, dtype: str = "float64", **llm
+) -> ModelConfig:
+    """A model small enough for CPU tests; ``llm`` overrides LLMConfig fields (e.g. tie_word_embeddings)."""
     prompt = PromptConfig(**CHATML_PROMPT) if template == "chatml" else PromptConfig()
     speech = SpeechEncoderConfig(
         conv_layers=[(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16, 2, 2)] * 2,
@@ -46,7 +50,7 @@ def tiny_model_config(template: str = "chatml", architecture: str = "qwen2", voc
         ffn_dim=64,
         max_cache_frames=120,
     )
-    llm = LLMConfig(
+    llm_fields = dict(
         architecture=architecture,
         vocab_size=vocab_size,
         hidden_size=32,
@@ -59,7 +63,8 @@ def tiny_model_config(template: str = "chatml", architecture: str = "qwen2", voc
         rope_theta=10_000.0,
         attention_bias=architecture == "qwen2",
     )
-    return ModelConfig(speech_encoder=speech, llm=llm, prompt=prompt, dtype="float64")
+    llm_fields.update(llm)
+    return ModelConfig(speech_encoder=speech, llm=LLMConfig(**llm_fields), prompt=prompt, dtype=dtype)
 
 
 def build_tiny_model(template: str = "chatml", dtype=torch.float64, seed: int = 0, eos_boost: float = 3.0):

@@ -20,11 +20,13 @@ from infinisst_backend.checkpoint import (  # noqa: E402
     read_config,
     save_checkpoint,
 )
-from infinisst_backend.config import LLMConfig, ModelConfig, PromptConfig, SpeechEncoderConfig  # noqa: E402
+from infinisst_backend.config import ModelConfig  # noqa: E402
 from infinisst_backend.kv_cache import PagedKVCache  # noqa: E402
 from infinisst_backend.model import InfiniSSTModel  # noqa: E402
 from infinisst_backend.prompt import PromptBuilder  # noqa: E402
 from infinisst_backend.tokenizers_util import add_infinisst_tokens, smollm2_tokenizer  # noqa: E402
+
+from .support import tiny_model_config  # noqa: E402
 
 SPEECH_KEY = "model.speech_encoder.proj.weight"
 LLM_KEY = "model.layers.1.self_attn.k_proj.bias"
@@ -38,34 +40,7 @@ def tokenizer():
 
 
 def tiny_config(vocab_size: int, tied: bool = False, dtype: str = "float64") -> ModelConfig:
-    speech = SpeechEncoderConfig(
-        conv_layers=[(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16, 2, 2)] * 2,
-        embed_dim=32,
-        num_layers=2,
-        num_heads=4,
-        ffn_dim=64,
-        max_cache_frames=96,
-    )
-    llm = LLMConfig(
-        architecture="qwen2",
-        attention_bias=True,
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        rope_theta=1e6,
-        tie_word_embeddings=tied,
-    )
-    prompt = PromptConfig(
-        template="chatml",
-        system_text=demo.CHATML_SYSTEM_TEXT,
-        latency_tokens=[],
-        eos_tokens=["<|im_end|>", "<|endoftext|>"],
-    )
-    return ModelConfig(speech_encoder=speech, llm=llm, prompt=prompt, dtype=dtype)
+    return tiny_model_config("chatml", "qwen2", vocab_size, dtype, rope_theta=1e6, tie_word_embeddings=tied)
 
 
 def tiny_model(cfg: ModelConfig, seed: int = 0) -> InfiniSSTModel:
