@@ -53,6 +53,9 @@ class ServingConfig:
     metrics_interval_s: float = 1.0  # how often the metrics thread reads engine.stats()
     cancel_poll_interval_s: float = 0.1  # how often the response thread asks whether requests were cancelled
     shutdown_timeout_s: float = 20.0  # engine.shutdown() budget in finalize (keep below Triton's exit timeout)
+    # TEST ONLY (docs/reliability.md): "ID" or "ID@N", comma-separated; the stream of sequence ID raises an
+    # injected error in its N-th decoding step (default 1). Empty in every real deployment.
+    test_fault_sequence_ids: str = ""
 
 
 _LAYER_FIELDS = {f.name for f in dataclasses.fields(ServingConfig)} - {"engine", "checkpoint"}
@@ -144,8 +147,9 @@ def serving_config_from_parameters(params: dict[str, str], device: str, project_
     except ValueError as e:
         raise ConfigError(f"config.pbtxt parameter {_parameter_named_in(str(e))!r}: {e}") from None
     for name, value in layer.items():
-        if value <= 0:
+        if isinstance(value, (int, float)) and value <= 0:
             raise ConfigError(f"config.pbtxt parameter {name!r}: invalid value {value!r}, expected > 0")
+    parse_fault_ids(layer.get("test_fault_sequence_ids", ""))
     checkpoint = resolve_checkpoint(params.get("checkpoint", ""), project_root)
     return ServingConfig(engine=engine, checkpoint=checkpoint, **layer)
 
@@ -155,6 +159,52 @@ def _parameter_named_in(message: str) -> str:
     match = re.match(r"invalid (\w+)=", message)
     field_name = match.group(1) if match else "?"
     return next((p for p, name in _RENAMED.items() if name == field_name), field_name)
+
+
+def parse_fault_ids(text: str) -> dict[str, int]:
+    """``"7, 9@3"`` -> ``{"7": 1, "9": 3}``: sequence id -> the decoding step (from 1) at which its stream fails."""
+    faults = {}
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        ident, at, step = (part.strip() for part in token.partition("@"))
+        if not ident or (at and not (step.isdigit() and int(step) >= 1)):
+            raise ConfigError(
+                f"config.pbtxt parameter 'test_fault_sequence_ids': invalid entry {token!r}, expected ID or ID@STEP "
+                "(STEP >= 1), comma-separated"
+            )
+        faults[ident] = int(step) if at else 1
+    return faults
+
+
+class InjectedFault(RuntimeError):
+    """The error the test-only fault hook raises inside one stream's processing."""
+
+
+class FaultInjector:
+    """``Engine.fault_hook`` for the test-only ``test_fault_sequence_ids`` parameter.
+
+    Called as ``hook(stream_id)`` on the engine thread in each decoding step of each stream; raises
+    :class:`InjectedFault` in the configured step of the streams of the listed sequence ids (every stream that
+    uses such an id, counted per stream), so that only that stream fails.
+    """
+
+    def __init__(self, faults: dict[str, int]):
+        self.faults = faults
+        self._steps: dict[object, int] = {}  # stream key -> decoding steps seen (listed ids only)
+
+    def __call__(self, stream_id: object) -> None:
+        corrid = str(getattr(stream_id, "corrid", stream_id))
+        fail_at = self.faults.get(corrid)
+        if fail_at is None:
+            return
+        step = self._steps.get(stream_id, 0) + 1
+        self._steps[stream_id] = step
+        if step >= fail_at:
+            del self._steps[stream_id]  # the stream fails now and is freed
+            raise InjectedFault(
+                f"fault injected at decoding step {step} of sequence {corrid} (test_fault_sequence_ids)"
+            )
 
 
 def device_for_instance(args: dict) -> str:
@@ -343,6 +393,18 @@ class Rejected:
 
 
 @dataclass(frozen=True, slots=True)
+class Restarted:
+    """A START arrived for a sequence id whose stream is still open: that stream is cancelled for this reason.
+
+    Queued before the cancellation, so the stream's CANCELLED errors carry ``message`` instead of a bare
+    "was cancelled".
+    """
+
+    key: StreamKey
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Outgoing:
     """One response to send. kind: "text" (TEXT/RESPONSE_INDEX/SOURCE_SECONDS), "error" or "final"."""
 
@@ -369,15 +431,21 @@ class ResponseBook:
         self._next_index: dict[StreamKey, int] = {}  # per stream, for its whole life
         self._ended: set[StreamKey] = set()  # StreamFinished seen: forget the stream once its queue is empty
         self._dirty: dict[StreamKey, None] = {}  # insertion-ordered set
+        self._cancel_reasons: dict[StreamKey, str] = {}  # Restarted streams, until they finish
 
     def submit(self, handle: RequestHandle) -> None:
         self._queues.setdefault(handle.key, deque()).append(handle)
         self._dirty[handle.key] = None
 
     def apply(self, item: object) -> None:
-        """Apply a Rejected item or an engine event (TurnEnded is ignored here)."""
+        """Apply a Rejected or Restarted item or an engine event (TurnEnded is ignored here)."""
+        if isinstance(item, Restarted):
+            if item.key in self._queues and item.key not in self._ended:  # else nothing of it is left to answer
+                self._cancel_reasons[item.key] = item.message
+            return
         if isinstance(item, StreamFinished):
             self._ended.add(item.stream_id)
+            self._cancel_reasons.pop(item.stream_id, None)
             self._dirty[item.stream_id] = None
             return
         if isinstance(item, Rejected):
@@ -390,6 +458,8 @@ class ResponseBook:
                 handle.source_seconds = item.source_seconds
             elif isinstance(item, RequestDone):
                 handle.finished = True
+            elif item.code == "CANCELLED" and item.stream_id in self._cancel_reasons:
+                self._fail(handle, item.code, self._cancel_reasons[item.stream_id])
             else:
                 self._fail(handle, item.code, item.message)
         else:

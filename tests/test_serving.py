@@ -239,12 +239,35 @@ def test_config_values_are_converted_and_defaults_kept(ckpt):
         ("default_latency_multiplier", "5", "'default_latency_multiplier'"),
         ("metrics_interval_s", "0", "'metrics_interval_s'"),
         ("beam_sise", "2", "beam_sise"),
+        ("test_fault_sequence_ids", "7@0", "'test_fault_sequence_ids'"),
+        ("test_fault_sequence_ids", "@3", "'test_fault_sequence_ids'"),
+        ("test_fault_sequence_ids", "7@x", "'test_fault_sequence_ids'"),
     ],
 )
 def test_config_errors_name_the_parameter(ckpt, key, value, named):
     with pytest.raises(serving.ConfigError) as info:
         serving.serving_config_from_parameters({"checkpoint": str(ckpt), key: value}, "cpu", ckpt)
     assert named in str(info.value)
+
+
+def test_fault_injection_parameter_and_hook(ckpt):
+    """Test-only fault injection: "ID" or "ID@N"; the hook raises in the N-th step of each stream of those ids."""
+    assert serving.parse_fault_ids("") == {} and serving.parse_fault_ids(" 7 , 9@3,") == {"7": 1, "9": 3}
+    cfg = serving.serving_config_from_parameters(
+        {"checkpoint": str(ckpt), "test_fault_sequence_ids": "5@2"}, "cpu", ckpt
+    )
+    assert cfg.test_fault_sequence_ids == "5@2"
+    hook = serving.FaultInjector(serving.parse_fault_ids("5@2"))
+    first, second, other = serving.StreamKey(5, 1), serving.StreamKey(5, 2), serving.StreamKey(6, 3)
+    for _ in range(5):
+        hook(other)  # other ids never fail
+    hook(first)
+    with pytest.raises(serving.InjectedFault, match="decoding step 2 of sequence 5"):
+        hook(first)
+    hook(second)  # a new stream under the same id counts from 1 again
+    with pytest.raises(serving.InjectedFault):
+        hook(second)
+    assert hook._steps == {}  # nothing kept for failed streams
 
 
 def test_checkpoint_path_relative_absolute_and_missing(ckpt):
@@ -629,6 +652,51 @@ def test_model_restart_cancellation_and_shutdown(model_module, ckpt):
     model.finalize()  # every open request still gets exactly one FINAL
     for r in (restart, pending):
         assert r.sender.finals() == 1 and r.sender.errors()[0].code == FakeTritonError.UNAVAILABLE
+
+
+def test_book_restarted_stream_errors_say_why():
+    book = serving.ResponseBook()
+    key = serving.StreamKey(3, 1)
+    handle = serving.RequestHandle(key, FakeSender())
+    book.submit(handle)
+    book.apply(serving.Restarted(key, "stream 3 was cancelled: a new START request arrived for its sequence id"))
+    book.apply(StreamError(key, handle, "CANCELLED", "stream 3 was cancelled"))
+    book.apply(StreamFinished(key, "cancelled"))
+    out = book.collect()
+    assert [o.kind for o in out] == ["error", "final"]
+    assert out[0].message.endswith("a new START request arrived for its sequence id")
+    assert book._cancel_reasons == {}  # forgotten with the stream
+    book.apply(serving.Restarted(key, "too late"))  # the stream is gone already: nothing is kept
+    assert book._cancel_reasons == {}
+
+
+def test_model_restart_reason_and_end_with_bad_content(model_module, ckpt):
+    model, engine = make_model(model_module, ckpt, test_fault_sequence_ids="42@3")
+    try:
+        assert isinstance(engine.fault_hook, serving.FaultInjector) and engine.fault_hook.faults == {"42": 3}
+        engine.hold = True
+        old = FakeRequest(8, flags=1, audio=np.zeros(5))
+        model.execute([old])
+        model.execute([FakeRequest(8, flags=1, audio=np.zeros(6))])
+        assert wait_for(lambda: old.sender.finals() == 1)
+        assert old.sender.errors()[0].message() == (
+            "CANCELLED: stream 8 was cancelled: a new START request arrived for its sequence id"
+        )
+        engine.release()
+        # END with bad audio: the stream still ends (its buffered text is sent), then the error, then FINAL
+        opened = FakeRequest(9, flags=1, audio=np.zeros(7))
+        bad_end = FakeRequest(9, flags=2, audio=[0.0, np.inf])
+        model.execute([opened, bad_end])
+        assert wait_for(lambda: bad_end.sender.finals() == 1)
+        assert bad_end.sender.texts() == [("<0>", 1)]
+        assert bad_end.sender.errors()[0].message() == "INVALID_ARG: audio holds NaN/Inf samples"
+        assert [flags for _, flags in bad_end.sender.sent] == [0, 0, 1]  # text, error, FINAL
+        assert wait_for(lambda: 9 not in {k.corrid for k in engine.open})
+        # a bad request without END leaves the stream open
+        model.execute([FakeRequest(10, flags=1, audio=np.zeros(3)), FakeRequest(10, audio=[np.nan])])
+        assert wait_for(lambda: engine.is_open(model.registry.lookup(10)))
+    finally:
+        model.finalize()
 
 
 def test_model_metrics_thread(model_module, ckpt):

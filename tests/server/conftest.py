@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
 
+from client.api import StreamingClient, StreamResult
 from client.audio import load_audio, sample_file
 
 from .harness import DEMO_CHECKPOINT, MODEL_DIR, TritonServer, config_parameters, write_repository
@@ -72,6 +75,63 @@ def server(tmp_path_factory):
 @functools.cache
 def speech(name: str) -> np.ndarray:
     return load_audio(sample_file(name))
+
+
+def long_audio(seconds: float) -> np.ndarray:
+    """Real speech of any length: the SPEECH files joined, repeated as needed."""
+    samples = np.concatenate([speech(name) for name in SPEECH])
+    return np.resize(samples, int(seconds * 16_000))
+
+
+class Bystander:
+    """A healthy stream beside a fault: real speech in pieces from its own thread, until ``finish()``.
+
+    It sends ``piece`` samples every ``pause`` seconds (about 1.7x real time by default, never silent long
+    enough to be idle-expired), stops at ``finish()`` (or when its audio runs out), sends END and waits for the
+    translation. ``expect(reference)`` then asserts the contract for it: no error, one FINAL per request, and
+    exactly the text the engine produces for the audio it sent, alone.
+    """
+
+    def __init__(self, url: str, model: str = "infinisst", language: str | None = "de", multiplier: int | None = None,
+                 seconds: float = 60.0, piece: int = 4_000, pause: float = 0.15, min_pieces: int = 8):  # fmt: skip
+        self.audio = long_audio(seconds)
+        self.language, self.multiplier = language, multiplier
+        self.piece, self.pause, self.min_pieces = piece, pause, min_pieces
+        self.client = StreamingClient(url, model)
+        self.stream = self.client.open_stream(language=language, latency_multiplier=multiplier)
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._send, name="bystander", daemon=True)
+
+    def __enter__(self) -> Bystander:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.client.close()
+
+    def _send(self) -> None:
+        pieces = 0
+        while self.sent < len(self.audio) and (pieces < self.min_pieces or not self._stop.is_set()):
+            self.stream.send(self.audio[self.sent : self.sent + self.piece])
+            self.sent = min(len(self.audio), self.sent + self.piece)
+            pieces += 1
+            time.sleep(self.pause)
+        self.stream.end()
+
+    def finish(self, timeout: float = 120.0) -> StreamResult:
+        self._stop.set()
+        self._thread.join()
+        return self.stream.result(timeout=timeout)
+
+    def expect(self, reference, timeout: float = 120.0) -> StreamResult:
+        result = self.finish(timeout)
+        assert result.errors == [], result.errors
+        assert [r.finals for r in result.requests] == [1] * len(result.requests)
+        assert result.text and result.text == reference(self.audio[: self.sent], self.language, self.multiplier)
+        return result
 
 
 @pytest.fixture(scope="session")

@@ -76,10 +76,13 @@ def free_ports(n: int) -> list[int]:
 class TritonServer:
     """tritonserver on loopback ports, in its own process group (its Python stubs die with it)."""
 
-    def __init__(self, repository: Path, log_path: Path, extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self, repository: Path, log_path: Path, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ):
         self.repository = repository
         self.log_path = log_path
         self.extra_args = list(extra_args)
+        self.env = dict(env or {})  # added to the server's environment
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.process: subprocess.Popen | None = None
 
@@ -103,7 +106,7 @@ class TritonServer:
             "--log-verbose=0",
             *self.extra_args,
         ]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", **self.env}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=ROOT
@@ -168,3 +171,44 @@ def metric_values(text: str, name: str) -> dict[str, float]:
             head, _, value = line.rpartition(" ")
             values[head[len(name) :]] = float(value)
     return values
+
+
+def model_gauge(server: TritonServer, name: str, model: str = "infinisst") -> float | None:
+    """A custom metric of one model, summed over its instances (None while the model has no series)."""
+    values = [v for labels, v in metric_values(server.metrics(), name).items() if f'model="{model}"' in labels]
+    return sum(values) if values else None
+
+
+def wait_gauge(server: TritonServer, name: str, predicate, model: str = "infinisst", timeout: float = 15.0):
+    """Poll ``model_gauge`` until ``predicate(value)`` holds or ``timeout`` passes; returns the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = model_gauge(server, name, model)
+        if (value is not None and predicate(value)) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+def process_status(pid: int) -> dict[str, str]:
+    """``/proc/<pid>/status`` as a dict (VmRSS, Threads, ...); empty once the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+def stub_pids(server: TritonServer, model: str) -> list[int]:
+    """The server's Python-backend stub processes serving ``model`` (their command line names its model.py)."""
+    model_py = str(server.repository / model / "1" / "model.py").encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"triton_python_backend_stub") and model_py in argv:
+            pids.append(int(entry.name))
+    return pids

@@ -20,12 +20,13 @@ import time
 from collections import deque
 from pathlib import Path
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 import infinisst_backend
 from infinisst_backend import serving
 from infinisst_backend.engine import Engine
-from infinisst_backend.errors import CapacityError, EngineError, UnknownStream
+from infinisst_backend.errors import CapacityError, EngineError, InvalidArgument, UnknownStream
 from infinisst_backend.events import StreamFinished, TurnEnded
 
 PROJECT_ROOT = Path(infinisst_backend.__file__).resolve().parents[1]
@@ -73,6 +74,10 @@ class TritonPythonModel:
                 f"model {name!r}: cannot build the engine (parameter 'checkpoint' = {self.cfg.checkpoint}, "
                 f"device {self.cfg.engine.device}): {type(e).__name__}: {e}"
             ) from None
+        faults = serving.parse_fault_ids(self.cfg.test_fault_sequence_ids)
+        if faults:
+            self.engine.fault_hook = serving.FaultInjector(faults)
+            self.log.log_warn(f"model {name!r}: TEST-ONLY fault injection for sequence ids {sorted(faults)}")
         labels = {"model": name, "instance": args["model_instance_name"]}
         self.metrics = serving.Metrics(pb_utils, labels)
 
@@ -99,6 +104,7 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         corrid = request.correlation_id()
         start = bool(request.flags() & serving.FLAG_SEQUENCE_START)
+        end = bool(request.flags() & serving.FLAG_SEQUENCE_END)
         try:
             key = self._stream_key(corrid, start)
         except UnknownStream as e:
@@ -118,7 +124,22 @@ class TritonPythonModel:
         except EngineError as e:
             if start and not opened:
                 self.registry.forget(key)
-            self.events.put(serving.Rejected(handle, e.code, e.message))
+            if not (end and isinstance(e, InvalidArgument) and self._end_anyway(handle, e)):
+                self.events.put(serving.Rejected(handle, e.code, e.message))
+
+    def _end_anyway(self, handle: serving.RequestHandle, error: EngineError) -> bool:
+        """An END request with bad content still ends its open stream: Triton has closed the sequence, so no later
+        request could, and the stream would hold its memory until the idle timeout. The buffered audio is
+        translated as for an empty END; the request gets that text, then its error, then FINAL."""
+        if not self.engine.is_open(handle.key):
+            return False
+        handle.error = (error.code, error.message)  # sent once the engine has finished the request
+        try:
+            self.engine.add_audio(handle.key, np.zeros(0, np.float32), tag=handle, end=True)
+        except EngineError:
+            handle.error = None
+            return False
+        return True
 
     def _stream_key(self, corrid, start: bool) -> serving.StreamKey:
         if not start:
@@ -127,6 +148,8 @@ class TritonPythonModel:
         if previous is not None and self.engine.is_open(previous):
             # START again on a live id: the client abandoned the old stream (or Triton's reaper dropped it).
             self.log.log_warn(f"stream {corrid}: START while the previous stream is open; cancelling it")
+            reason = f"stream {corrid} was cancelled: a new START request arrived for its sequence id"
+            self.events.put(serving.Restarted(previous, reason))  # ahead of the cancellation's errors
             try:
                 self.engine.cancel_stream(previous)
             except UnknownStream:
@@ -222,6 +245,10 @@ class TritonPythonModel:
         self.events.put(_STOP)
         self.response_thread.join(self.cfg.shutdown_timeout_s)
         self.metrics_thread.join(self.cfg.metrics_interval_s + 1.0)
+        try:  # Triton keeps a model's metric series after unloading it: leave them at the freed state
+            self.metrics.update(self.engine.stats(), [], [])
+        except Exception as e:
+            self.log.log_warn(f"final metrics update failed: {type(e).__name__}: {e}")
         if self.response_thread.is_alive():
             self.log.log_error("the response thread did not finish; some requests may lack their FINAL")
         logging.getLogger("infinisst_backend").removeHandler(self.log_handler)
