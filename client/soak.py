@@ -301,20 +301,27 @@ def model_metric(text: str, name: str, model: str) -> float:
     return sum(v for labels, v in metric_samples(text, name).items() if f'model="{model}"' in labels)
 
 
-def find_server_pid(grpc_port: int) -> int | None:
-    """The local tritonserver whose command line names this gRPC port (or the only one, if it names none)."""
-    candidates = []
+def process_cmdlines() -> list[tuple[int, list[bytes]]]:
+    """(pid, argv) of every process readable in /proc."""
+    out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            out.append((int(entry.name), (entry / "cmdline").read_bytes().split(b"\0")))
         except OSError:
             continue
+    return out
+
+
+def find_server_pid(grpc_port: int) -> int | None:
+    """The local tritonserver whose command line names this gRPC port (or the only one, if it names none)."""
+    candidates = []
+    for pid, argv in process_cmdlines():
         if argv and argv[0].endswith(b"tritonserver"):
             args = [a.decode(errors="replace") for a in argv]
             ports = [a.split("=", 1)[1] for a in args if a.startswith("--grpc-port=")]
-            candidates.append((int(entry.name), ports))
+            candidates.append((pid, ports))
     exact = [pid for pid, ports in candidates if ports == [str(grpc_port)]]
     if exact:
         return exact[0]

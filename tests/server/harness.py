@@ -15,6 +15,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from client.soak import process_cmdlines
+
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "model_repository" / "infinisst"
 TRITONSERVER = Path(sys.prefix) / "bin" / "tritonserver"  # the wrapper scripts/setup.sh writes into the venv
@@ -201,14 +203,6 @@ def process_status(pid: int) -> dict[str, str]:
 def stub_pids(server: TritonServer, model: str) -> list[int]:
     """The server's Python-backend stub processes serving ``model`` (their command line names its model.py)."""
     model_py = str(server.repository / model / "1" / "model.py").encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[0].endswith(b"triton_python_backend_stub") and model_py in argv:
-            pids.append(int(entry.name))
-    return pids
+    return [
+        pid for pid, argv in process_cmdlines() if argv[0].endswith(b"triton_python_backend_stub") and model_py in argv
+    ]
