@@ -143,7 +143,9 @@ def test_idle_past_the_model_timeout_then_past_tritons_reaper(fault_server, refe
         stream = client.open_stream()
         stream.send(speech(SPEECH[2])[:8_000])
         assert stream.wait_request(0, timeout=30).error is None
-        # freed by the model (its expiry check runs every second), pages included, while Triton keeps the sequence
+        # freed by the model (its expiry check runs every second), pages included, while Triton keeps the sequence;
+        # wait out the timeout first, so that a gauge not yet refreshed since the stream opened cannot pass early
+        time.sleep(2 * MODEL_IDLE_S + 0.2)
         assert wait_gauge(fault_server, "infinisst_active_streams", lambda v: v == 1) == 1
         late = client.open_stream(sequence_id=stream.sequence_id, resume=True)
         late.send(np.zeros(100, np.float32))
