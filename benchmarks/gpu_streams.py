@@ -46,7 +46,6 @@ from infinisst_backend.config import (
     EMBEDDINGS_PER_UNIT,
     SAMPLE_RATE,
     SAMPLES_PER_UNIT,
-    TOKENS_PER_UNIT,
     DecodingConfig,
     EngineConfig,
     LLMConfig,
@@ -55,6 +54,7 @@ from infinisst_backend.config import (
 )
 from infinisst_backend.engine import Engine
 from infinisst_backend.events import StreamError, StreamFinished, TextDelta, TurnEnded
+from infinisst_backend.forced_turns import TOKENS_PER_UNIT_MEAN, TurnLengths
 from infinisst_backend.model import InfiniSSTModel
 from infinisst_backend.model_runner import ModelRunner
 from infinisst_backend.prompt import PromptBuilder
@@ -62,7 +62,6 @@ from infinisst_backend.scheduler import worst_case_pages
 
 P95_LIMIT_S = 0.5
 P99_LIMIT_S = 1.0
-TOKENS_PER_UNIT_MEAN = 5.0  # forced turn length per 0.96 s of audio, EOT included (benchmarks.md)
 VOCAB_SIZE = 128_263  # Llama-3.1 + InfiniSST's 7 added tokens (model doc §1.4)
 HEADROOM_BYTES = 8 << 30  # activations, workspaces and allocator slack kept free of caches
 PAGE_SIZE = 16
@@ -197,33 +196,14 @@ def gpu_info(device: str) -> dict:
 # ---------------------------------------------------------------------------------------------------- workload
 
 
-class TurnLengths:
-    """Seeded forced turn lengths: ``1 + Poisson(5m - 1)``, capped at ``10m`` (EOT included)."""
-
-    def __init__(self, seed: int):
-        self.rng = np.random.default_rng(seed)
-        self.drawn: list[int] = []
-
-    def draw(self, m: int, max_new_tokens: int) -> int:
-        n = 1 + int(self.rng.poisson(TOKENS_PER_UNIT_MEAN * m - 1))
-        n = max(1, min(n, TOKENS_PER_UNIT * m, max_new_tokens))
-        self.drawn.append(n)
-        return n
-
-
 @contextlib.contextmanager
-def forced_turn_lengths(lengths: TurnLengths, m: int) -> Iterator[None]:
-    """Make every engine turn end after a drawn number of tokens: the real decoder with that max length."""
-    real = engine_module.make_turn_decoder
-
-    def forced(cfg, prompt_ids, history_ids, max_new_tokens, eos_ids):
-        return real(cfg, prompt_ids, history_ids, lengths.draw(m, max_new_tokens), eos_ids)
-
-    engine_module.make_turn_decoder = forced
+def forced_turn_lengths(engine: Engine, lengths: TurnLengths) -> Iterator[None]:
+    """Make every turn of ``engine`` end after a drawn number of tokens (the real decoder with that max length)."""
+    engine.turn_length_hook = lengths.draw
     try:
         yield
     finally:
-        engine_module.make_turn_decoder = real
+        engine.turn_length_hook = None
 
 
 class VirtualClock:
@@ -342,6 +322,10 @@ def run_trial(bench: Bench, setting: Setting, n: int, scheduling: str, seed: int
         return result
 
     events = _TrialEvents(n)
+    gc.collect()
+    if bench.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        result["allocated_before_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     engine = Engine(
         bench.model,
         bench.tokenizer,
@@ -351,7 +335,7 @@ def run_trial(bench: Bench, setting: Setting, n: int, scheduling: str, seed: int
     )
     timing: dict = {}
     runner = engine.runner
-    for name in ("encode_speech", "prefill", "decode", "compact"):
+    for name in ("encode_speech", "prefill", "decode", "compact_many"):
         setattr(runner, name, _Timed(getattr(runner, name), timing, name + "_s", bench.device))
     chunk = (0.1 * np.random.default_rng(seed).standard_normal(SAMPLES_PER_UNIT * setting.m)).astype(np.float32)
     ids = [f"s{i}" for i in range(n)]
@@ -361,7 +345,7 @@ def run_trial(bench: Bench, setting: Setting, n: int, scheduling: str, seed: int
     busy = 0.0
     aborted = None
     wall0 = time.perf_counter()
-    with virtual_time(clock), forced_turn_lengths(lengths, setting.m):
+    with virtual_time(clock), forced_turn_lengths(engine, lengths):
         for sid in ids:
             engine.open_stream(sid, "German", setting.m, DecodingConfig(beam_size=setting.beam))
         t0 = clock.monotonic()
@@ -432,7 +416,7 @@ def run_trial(bench: Bench, setting: Setting, n: int, scheduling: str, seed: int
         mean_prefill_streams=float(np.mean(prefill_rows)) if prefill_rows else 0.0,
         kv_pages_peak=pages_peak,
         kv_bytes_per_stream_peak=pages_peak * bench.page_bytes / n,
-        mean_turn_tokens=float(np.mean(lengths.drawn)) if lengths.drawn else 0.0,
+        mean_turn_tokens=lengths.mean,
         pages_leaked=leaked,
     )
     result["passes"] = bool(complete and result["p95_s"] <= P95_LIMIT_S and result["p99_s"] <= P99_LIMIT_S)
@@ -551,7 +535,7 @@ def _print_trial(setting: Setting, r: dict) -> None:
         f"  {setting.name} {r['scheduling']:9s} N={r['streams']:4d}  p50={_f(r['p50_s'])} p95={_f(r['p95_s'])} "
         f"p99={_f(r['p99_s'])}  busy={r['busy_fraction']:.2f} wall={r['wall_s']:.0f}s "
         f"dec_rows={r['mean_decode_rows']:.0f} pre_streams={r['mean_prefill_streams']:.1f} "
-        f"model={r['model_s']} overhead={r['engine_overhead_s']:.1f}s  "
+        f"model={r['model_s']} overhead={r['engine_overhead_s']:.1f}s mem0={r.get('allocated_before_gib')}G  "
         f"{'PASS' if r['passes'] else 'FAIL ' + str(r['aborted'] or '')}",
         flush=True,
     )
@@ -578,6 +562,7 @@ def measure_parts(bench: Bench, batch_sizes: list[int], context: int) -> dict:
     cfg = bench.engine_config(SETTINGS["greedy_m1"], "iteration", max(batch_sizes), 1)
     pages_per_seq = math.ceil((context + 200) / PAGE_SIZE)  # room for the timed decode and prefill calls
     cfg.num_pages = max(batch_sizes) * pages_per_seq + 8
+    cfg.max_streams = 1  # no streams here: no speech cache slots
     runner = ModelRunner(bench.model, cfg, cfg.num_pages)
     runner.kv.data.normal_()  # never time on zeros
     hidden = bench.model_cfg.llm.hidden_size
@@ -612,7 +597,8 @@ def measure_encoder(bench: Bench, batch_sizes: list[int], m: int) -> dict:
     chunk = torch.from_numpy((0.1 * np.random.default_rng(1).standard_normal(SAMPLES_PER_UNIT * m)).astype("f4"))
     cache_bytes = 0
     for b in batch_sizes:
-        caches = [speech.new_cache(m) for _ in range(b)]
+        pool = speech.new_pool(b)  # freed after this batch size (the frontend's default pool would keep growing)
+        caches = [speech.new_cache(m, pool) for _ in range(b)]
         warm_chunks = math.ceil(speech.cfg.max_cache_frames / (speech.cfg.block_size * m)) + 1
         for _ in range(warm_chunks):
             speech.encode_chunks(caches, [chunk.to(bench.device)] * b)
@@ -621,7 +607,10 @@ def measure_encoder(bench: Bench, batch_sizes: list[int], m: int) -> dict:
             lambda caches=caches, b=b: speech.encode_chunks(caches, [chunk.to(bench.device)] * b), 3, bench.device
         )
         out.append({"batch": b, "ms": 1e3 * t})
-        del caches
+        del caches, pool
+    gc.collect()
+    if bench.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return {"m": m, "steady_state_cache_bytes": cache_bytes, "times": out}
 
 
@@ -638,14 +627,16 @@ def measure_naive(bench: Bench, encoder_ms_b1: dict[int, float], context: int) -
     hf_cfg = transformers.LlamaConfig(**llm_cfg.to_hf_dict(), attn_implementation="sdpa")
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(hf_cfg)
-    hf.load_state_dict(bench.model.llm.state_dict(), strict=True, assign=True)  # shares our weights
+    weights = bench.model.llm.state_dict()
+    weights["lm_head.weight"] = weights["lm_head.weight"][: llm_cfg.vocab_size]  # the GPU runner pads the rows
+    hf.load_state_dict(weights, strict=True, assign=True)  # shares our weights
     rotary = type(hf.model.rotary_emb)(config=hf_cfg)
     hf.model.rotary_emb = rotary.to(bench.device)
     hf.eval()
     cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     hidden = llm_cfg.hidden_size
     out = {}
-    for setting in SETTINGS.values():
+    for setting in (s for s in SETTINGS.values() if s.m in encoder_ms_b1):
         rows = setting.beam
         q = EMBEDDINGS_PER_UNIT * setting.m + 10
         steps = round(TOKENS_PER_UNIT_MEAN * setting.m - 1)  # decode steps of a mean-length turn

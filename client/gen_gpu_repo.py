@@ -34,9 +34,10 @@ GPU_DEFAULTS = {
     "max_candidate_sequences": "4096",
     "dtype": "bfloat16",
     "attention_backend": "flashinfer",
+    "cuda_graphs": "true",
     "engine_max_batch_size": "256",
     "max_prefill_tokens": "8192",
-    "batch_timeout_s": "0.005",
+    "batch_timeout_s": "0.05",
     "scheduling": "iteration",
     "page_size": "16",
     "num_pages": "0",
@@ -54,6 +55,7 @@ GPU_DEFAULTS = {
     "metrics_interval_s": "1.0",
     "cancel_poll_interval_s": "0.1",
     "shutdown_timeout_s": "20",
+    "benchmark_forced_turn_seed": "",
 }
 
 

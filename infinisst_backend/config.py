@@ -238,7 +238,10 @@ class EngineConfig:
     kv_memory_fraction: float = 0.9  # used when num_pages == 0 on GPU
     max_streams: int = 256
     max_llm_cache_tokens: int = 1000  # the paper's max_llm_cache_size
-    batch_timeout_s: float = 0.005  # idle engine waits this long for a fuller prefill batch
+    # A ready prefill waits up to this long after its oldest chunk for more streams to join (decode steps run
+    # meanwhile); a full batch runs at once.
+    batch_timeout_s: float = 0.005
+    cuda_graphs: bool = True  # GPU with flashinfer: replay decode steps from CUDA graphs (batch-size buckets)
     # "iteration": ORCA-style, new work joins at the next step (prefill first).
     # "static": a batch decodes to the end of its turns before new prefills join (a baseline, not for serving).
     scheduling: str = "iteration"

@@ -23,7 +23,7 @@ import torch
 from .config import MAX_LATENCY_MULTIPLIER, SAMPLE_RATE, DecodingConfig, EngineConfig, ModelConfig
 from .decoding import GreedyTurn, greedy_step, make_turn_decoder
 from .detokenizer import IncrementalDetokenizer
-from .errors import EngineError, InvalidArgument, UnknownStream
+from .errors import CapacityError, EngineError, InvalidArgument, UnknownStream
 from .events import Event, RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
 from .model import InfiniSSTModel
 from .model_runner import ModelRunner
@@ -72,6 +72,9 @@ class Engine:
         # Test hook for fault injection: called as fault_hook(stream_id) inside each stream's own processing
         # step; whatever it raises fails that stream only (the reliability tests use it through the server).
         self.fault_hook: Callable[[Hashable], None] | None = None
+        # Benchmark hook (dummy weights never emit EOT): turn_length_hook(m, max_new_tokens) caps each new turn's
+        # length (forced_turns.TurnLengths.draw). None in every real deployment.
+        self.turn_length_hook: Callable[[int, int], int] | None = None
         self.events: deque[Event] = deque()  # used when no callback is given
         self.step_records: deque[StepRecord] = deque(maxlen=100_000)
         self._lock = threading.Lock()
@@ -83,6 +86,9 @@ class Engine:
         self._stopping = False
         self._last_expiry_check = time.monotonic()
         self.counters = {"generated_tokens": 0, "turns": 0, "prefill_steps": 0, "decode_steps": 0}
+        # Evictions decided by turns that ended in this step: (stream, its cache, keep, cut), run together at the
+        # end of the step (_flush_compactions).
+        self._pending_compactions: list[tuple[Stream, Any, int, int]] = []
 
     @classmethod
     def from_checkpoint(cls, path, cfg: EngineConfig, on_event: Callable[[Event], None] | None = None) -> Engine:
@@ -267,12 +273,16 @@ class Engine:
         for i, (stream, prompt, chunk) in enumerate(zip(streams, prompts, chunks)):
             if stream.turns_done == 0:
                 stream.system_len = prompt.system_len
+            max_new = stream.max_new_tokens
+            if self.turn_length_hook is not None:
+                max_new = self.turn_length_hook(stream.m, max_new)
             decoder = make_turn_decoder(
-                stream.decoding, prompt.input_ids(), list(stream.history), stream.max_new_tokens, self.prompts.eos_ids
+                stream.decoding, prompt.input_ids(), list(stream.history), max_new, self.prompts.eos_ids
             )
             stream.turn = Turn(chunk, decoder, rows=[stream.kv], tokens=[])
             stream.kv = None  # the turn's rows own the cache until the turn ends
             self._guarded(stream, self._advance, stream, logits[i : i + 1])
+        self._flush_compactions()
 
     def _run_decode(self, streams: list[Stream]) -> None:
         rows = [row for s in streams for row in s.turn.rows]
@@ -287,6 +297,30 @@ class Engine:
                 self._guarded(stream, self._apply, stream, steps[i])
             else:
                 self._guarded(stream, self._advance, stream, logits[offsets[i] : offsets[i + 1]])
+        self._flush_compactions()
+
+    def _flush_compactions(self) -> None:
+        """Run the evictions of the turns that ended in this step as one batched compaction.
+
+        A stream finished since its turn ended has released its cache: it is skipped. Errors raised before
+        the pool changed (out of pages, bad arguments) are pinned on their streams by compacting one by one;
+        any other error leaves the batch's caches undefined, so all its streams fail.
+        """
+        pending, self._pending_compactions = self._pending_compactions, []
+        pending = [p for p in pending if self._streams.get(p[0].id) is p[0] and p[0].kv is p[1] and p[1].pages]
+        if not pending:
+            return
+        try:
+            self.runner.compact_many([(seq, keep, cut) for _, seq, keep, cut in pending])
+        except (CapacityError, ValueError):
+            logger.exception("batched KV eviction failed; evicting stream by stream")
+            for stream, seq, keep, cut in pending:
+                self._guarded(stream, self.runner.compact_many, [(seq, keep, cut)])
+        except Exception as e:
+            logger.exception("batched KV eviction failed")
+            code = e.code if isinstance(e, EngineError) else "INTERNAL"
+            for stream, *_ in pending:
+                self._finish(stream, "error", code, f"KV cache eviction of stream {stream.id!r} failed: {e}")
 
     def _greedy_steps(self, streams: list[Stream], logits: torch.Tensor, offsets: list[int], index: list[int]):
         if not streams:
@@ -347,8 +381,8 @@ class Engine:
         length = stream.kv.num_tokens
         stream.checkpoints.append(length)
         cut = eviction_cut(stream.checkpoints, length, self.cfg.max_llm_cache_tokens, stream.system_len)
-        if cut is not None:
-            self.runner.compact(stream.kv, stream.system_len, cut)
+        if cut is not None:  # evicted at the end of the step, batched with the other streams' evictions
+            self._pending_compactions.append((stream, stream.kv, stream.system_len, cut))
         latency = time.monotonic() - turn.chunk.arrival
         self._emit(TurnEnded(stream.id, turn.chunk.request.tag, tuple(result.emitted_ids), latency))
         stream.close_chunk(turn.chunk)
@@ -398,7 +432,7 @@ class Engine:
             m=m,
             decoding=decoding,
             separator=separator,
-            speech_cache=self.runner.model.speech.new_cache(m),
+            speech_cache=self.runner.model.speech.new_cache(m, self.runner.speech_pool),
             kv=self.runner.new_sequence(),
             detok=IncrementalDetokenizer(self.tokenizer, separator),
             reserved_pages=pages,
@@ -412,6 +446,7 @@ class Engine:
         if stream.kv is not None:
             stream.kv.release()
             stream.kv = None
+        stream.speech_cache.release()
         stream.speech_cache = None
         for request in stream.requests:
             self._emit(StreamError(stream.id, request.tag, code or "INTERNAL", message or f"stream {reason}"))
@@ -493,7 +528,7 @@ def _pages_from_free_memory(model: InfiniSSTModel, cfg: EngineConfig) -> int:
     """Size the KV pool from measured free device memory and the configured fraction.
 
     The speech caches of ``max_streams`` streams (per layer K and V of ``max_cache_frames`` frames) are set
-    aside first: they live outside the page pool.
+    aside first: they live outside the page pool, in the pool the runner allocates next.
     """
     if not cfg.device.startswith("cuda"):
         raise ValueError("num_pages=0 (size from free memory) needs a CUDA device; set num_pages on CPU")

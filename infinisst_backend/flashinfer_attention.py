@@ -59,12 +59,12 @@ class FlashInferAttention(AttentionBackend):
         if self.device.type != "cuda":
             raise ValueError(f"attention_backend='flashinfer' needs a CUDA device, got device={cfg.device!r}")
         self.scale = scale  # None: head_dim ** -0.5
-        self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self._flashinfer = flashinfer
         self._prefill_backend = prefill_backend
         self._prefill = self._new_prefill_wrapper(prefill_backend)
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            float_workspace_buffer=self._workspace, kv_layout="NHD", use_tensor_cores=decode_tensor_cores
+            float_workspace_buffer=self.workspace, kv_layout="NHD", use_tensor_cores=decode_tensor_cores
         )
         self._batch: AttentionBatch | None = None
         self._planned = False  # whether the wrapper of the current batch has been planned
@@ -144,7 +144,7 @@ class FlashInferAttention(AttentionBackend):
 
     def _new_prefill_wrapper(self, backend: str):
         return self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            float_workspace_buffer=self._workspace, kv_layout="NHD", backend=backend
+            float_workspace_buffer=self.workspace, kv_layout="NHD", backend=backend
         )
 
     def _plan_prefill(

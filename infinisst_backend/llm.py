@@ -6,7 +6,8 @@ embeddings there is no ``lm_head`` module and no ``lm_head.weight`` key.
 
 Numerics follow HF: RMSNorm in float32 (or the input dtype if wider) and scaled by its weight after the cast
 back; attention softmax in float32 (float64 for float64 models); logits in the model dtype, returned as
-float32 (float64 for float64 models).
+float32 (float64 for float64 models), except 16-bit models on CUDA, whose logits come unrounded from the
+GEMM's float32 accumulators (see ``LLM.logits``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,31 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+class _Fused:
+    """Several ``nn.Linear`` of the same input as one GEMM whose output is split back.
+
+    The weights (and biases) are concatenated once; each module's parameter then becomes a view of the
+    concatenation, so memory is not doubled and ``state_dict`` keeps its names. Not a module: the parameters stay
+    registered where they were.
+    """
+
+    def __init__(self, linears: list[nn.Linear]):
+        self.sizes = [m.out_features for m in linears]
+        self.weight = torch.cat([m.weight.detach() for m in linears])
+        has_bias = [m.bias is not None for m in linears]
+        if any(has_bias) and not all(has_bias):
+            raise ValueError("cannot fuse linears where only some have a bias")
+        self.bias = torch.cat([m.bias.detach() for m in linears]) if all(has_bias) else None
+        for m, w in zip(linears, self.weight.split(self.sizes)):
+            m.weight = nn.Parameter(w, requires_grad=False)
+        if self.bias is not None:
+            for m, b in zip(linears, self.bias.split(self.sizes)):
+                m.bias = nn.Parameter(b, requires_grad=False)
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
 class Attention(nn.Module):
     """Self-attention with grouped KV heads. q/k/v have a bias for Qwen2 or ``attention_bias``."""
 
@@ -52,11 +78,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=o_bias)
 
+        self.qkv: _Fused | None = None  # set by fuse(): one GEMM for q, k and v
+
+    def fuse(self) -> None:
+        """Run q/k/v as one GEMM (fewer, larger kernels on GPU); the three weights become views of one tensor."""
+        self.qkv = _Fused([self.q_proj, self.k_proj, self.v_proj])
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: PagedKVCache, attn: AttentionBackend) -> Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attn.forward(self.layer, q, k, v, kv.kv_layers[self.layer])  # [T, Hq, D]
         return self.o_proj(out.reshape(num_tokens, -1))
@@ -73,8 +109,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+        self.gate_up: _Fused | None = None  # set by fuse(): one GEMM for gate and up
+
+    def fuse(self) -> None:
+        """Run gate/up as one GEMM; the two weights become views of one tensor."""
+        self.gate_up = _Fused([self.gate_proj, self.up_proj])
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -132,11 +175,50 @@ class LLM(nn.Module):
             h = layer(h, cos, sin, kv, attn)
         return self.model.norm(h)
 
+    @property
+    def head_weight(self) -> Tensor:
+        """The LM head's weight ``[V', H]``: V' >= V rows when :meth:`pad_vocab` padded it."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def fuse_projections(self) -> None:
+        """q/k/v and gate/up as one GEMM each in every layer (GPU: fewer kernel launches, better tiling).
+
+        Idempotent. Call it once the model has its final device and dtype (``.to()`` does not move the fused
+        tensors)."""
+        for layer in self.model.layers:
+            if layer.self_attn.qkv is None:
+                layer.self_attn.fuse()
+            if layer.mlp.gate_up is None:
+                layer.mlp.fuse()
+
+    def pad_vocab(self, multiple: int) -> None:
+        """Pad an untied LM head with zero rows to a multiple of ``multiple`` (GEMM tiling; logits stay [N, V]).
+
+        An odd row count (Llama-3.1 + InfiniSST's added tokens: 128,263) defeats the GEMM's tiling on GPUs. The
+        padded rows are never returned. Tied embeddings are left alone (padding would copy the embedding table).
+        """
+        rows = self.head_weight.shape[0]
+        if self.lm_head is None or rows % multiple == 0:
+            return
+        weight = self.lm_head.weight
+        padded = torch.zeros(-(-rows // multiple) * multiple, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        padded[:rows] = weight.detach()
+        self.lm_head.weight = nn.Parameter(padded, requires_grad=False)
+
     def logits(self, hidden: Tensor) -> Tensor:
-        """Next-token logits ``[N, V]`` of ``hidden [N, H]``: float32, or float64 for a float64 model."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+        """Next-token logits ``[N, V]`` of ``hidden [N, H]``: float32, or float64 for a float64 model.
+
+        On CUDA with a 16-bit model the GEMM writes its float32 accumulators directly: logits rounded to bf16 are
+        multiples of 1/8 between 16 and 32, so the top two often tie exactly and any rounding upstream flips the
+        greedy choice. (HF rounds the logits to the model dtype; the CPU path does too.)
+        """
+        weight = self.head_weight
+        if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16):
+            logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        else:
+            logits = F.linear(hidden, weight)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return logits[:, : self.cfg.vocab_size]
 
     def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         """Bytes of K and V per cached token over all layers, for ``dtype`` (default: the model's dtype)."""

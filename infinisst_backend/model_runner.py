@@ -11,11 +11,19 @@ import logging
 import torch
 
 from .attention import AttentionBatch, TorchAttention
-from .config import EngineConfig
+from .config import EMBEDDINGS_PER_UNIT, EngineConfig
+from .cuda_graphs import scratch_pages_needed
 from .kv_cache import PagedKVCache, SequenceKV
 from .model import InfiniSSTModel
 
 logger = logging.getLogger(__name__)
+
+# LM head rows are padded to a multiple of this on GPU (GEMM tiling).
+VOCAB_PAD = 128
+# CUDA graphs: steady-state prefills and encoder calls get graphs for these latency multipliers (the paper's; each
+# graph keeps its activations' peak in the shared graph pool, so other m run eagerly), prefills up to this batch.
+GRAPH_MULTIPLIERS = (1, 2)
+MAX_PREFILL_GRAPH_BATCH = 64
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,6 +42,9 @@ class ModelRunner:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
+        self._use_graphs = self.device.type == "cuda" and cfg.attention_backend == "flashinfer" and cfg.cuda_graphs
+        # One speech cache slot per possible stream, allocated now (engine._pages_from_free_memory set it aside).
+        self.speech_pool = model.speech.new_pool(cfg.max_streams)
         llm = model.llm.cfg
         self.kv = PagedKVCache(
             num_layers=llm.num_hidden_layers,
@@ -43,9 +54,25 @@ class ModelRunner:
             head_dim=llm.head_dim,
             dtype=self.dtype,
             device=self.device,
+            scratch_pages=scratch_pages_needed(EMBEDDINGS_PER_UNIT * max(GRAPH_MULTIPLIERS) + 10, cfg.page_size)
+            if self._use_graphs
+            else 0,
         )
         self.pool = self.kv.pool
         self.attn = make_attention_backend(cfg)
+        self.graphs = None
+        if self.device.type == "cuda":
+            model.llm.pad_vocab(VOCAB_PAD)
+            model.llm.fuse_projections()
+            if self._use_graphs:
+                self.graphs = self._step_graphs(num_pages)
+        # Speech encoder calls of later chunks replayed from CUDA graphs (GRAPH_MULTIPLIERS, prefill-sized batches).
+        self.speech_graphs = None
+        if self.device.type == "cuda" and cfg.cuda_graphs:
+            from .encoder_graphs import MAX_GRAPH_BATCH, EncoderGraphs  # GPU only
+
+            max_batch = min(cfg.max_batch_size, MAX_GRAPH_BATCH)
+            self.speech_graphs = EncoderGraphs(model.speech, self.speech_pool, max_batch, GRAPH_MULTIPLIERS)
 
     def new_sequence(self) -> SequenceKV:
         return self.kv.new_sequence()
@@ -53,12 +80,16 @@ class ModelRunner:
     @torch.inference_mode()
     def encode_speech(self, caches: list, samples: list) -> list[torch.Tensor]:
         """Speech embeddings [12k, H] per stream, each from its own speech cache."""
-        tensors = [torch.from_numpy(s).to(self.device) for s in samples]
-        return self.model.speech.encode_chunks(caches, tensors)
+        # Host tensors: the frontend moves them (a CUDA-graph group stages them all with one copy).
+        tensors = [torch.from_numpy(s) for s in samples]
+        return self.model.speech.encode_chunks(caches, tensors, graphs=self.speech_graphs)
 
     @torch.inference_mode()
     def prefill(self, seqs: list[SequenceKV], parts: list[tuple[list[int], torch.Tensor, list[int]]]) -> torch.Tensor:
-        """Append each sequence's turn prompt (prefix ids, speech rows, suffix ids); logits of its last token."""
+        """Append each sequence's turn prompt (prefix ids, speech rows, suffix ids); logits of its last token.
+
+        A CUDA graph replays the step when every prompt has the same length (streams' later turns with one latency
+        multiplier) and the shape fits; otherwise it runs eagerly."""
         llm = self.model.llm
         ids = torch.tensor([i for prefix, _, suffix in parts for i in prefix + suffix], device=self.device)
         text = llm.embed(ids)  # [sum of prefix+suffix lengths, H]
@@ -69,13 +100,38 @@ class ModelRunner:
             embeds += [text[offset : offset + n_pre], speech.to(text.dtype), suffix_rows]
             offset += n_pre + n_suf
         lengths = [len(p) + s.shape[0] + len(q) for p, s, q in parts]
+        if len(set(lengths)) == 1:
+            return self._replay_or_forward(seqs, torch.cat(embeds), lengths[0])
         return self._forward(seqs, torch.cat(embeds), lengths)
 
     @torch.inference_mode()
     def decode(self, seqs: list[SequenceKV], tokens: list[int]) -> torch.Tensor:
-        """Feed one token to each sequence; logits [B, V] for the next token."""
+        """Feed one token to each sequence; logits [B, V] for the next token (a CUDA graph replay if one fits)."""
         embeds = self.model.llm.embed(torch.tensor(tokens, device=self.device))
-        return self._forward(seqs, embeds, [1] * len(seqs))
+        return self._replay_or_forward(seqs, embeds, 1)
+
+    def _replay_or_forward(self, seqs: list[SequenceKV], embeds: torch.Tensor, q_len: int) -> torch.Tensor:
+        """Every sequence appends ``q_len`` tokens: a graph replay if the shape has (or can get) one, else eager."""
+        if self.graphs is not None and self.graphs.prepare(seqs, q_len):
+            self.kv.copy_pages([copy for seq in seqs for copy in seq.reserve(q_len)])
+            return self.graphs.run(seqs, embeds, q_len)
+        return self._forward(seqs, embeds, [q_len] * len(seqs))
+
+    def _step_graphs(self, num_pages: int):
+        from .cuda_graphs import StepGraphs  # GPU only
+
+        scratch = list(range(num_pages, self.kv.data.shape[1]))  # the pages past the pool
+        return StepGraphs(
+            self.model,
+            self.kv,
+            scratch,
+            max_decode_batch=self.cfg.max_batch_size,
+            max_prefill_batch=min(self.cfg.max_batch_size, MAX_PREFILL_GRAPH_BATCH),
+            prefill_q_lens=[EMBEDDINGS_PER_UNIT * m + 10 for m in GRAPH_MULTIPLIERS],
+            # The longest a sequence gets: system prompt + window + a turn (prompt and generated tokens), with room.
+            max_positions=self.cfg.max_llm_cache_tokens + 1024,
+            workspace=self.attn.workspace,
+        )
 
     def _forward(self, seqs: list[SequenceKV], embeds: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         copies = [copy for seq, n in zip(seqs, lengths) for copy in seq.reserve(n)]
@@ -95,3 +151,7 @@ class ModelRunner:
     def compact(self, seq: SequenceKV, keep: int, cut: int) -> None:
         """Drop cached tokens [keep, cut) and re-rotate the tail (turn-aligned eviction)."""
         self.kv.compact(seq, keep, cut, self.model.llm.inv_freq)
+
+    def compact_many(self, items: list[tuple[SequenceKV, int, int]]) -> None:
+        """``compact(seq, keep, cut)`` for each item, batched (``PagedKVCache.compact_many``)."""
+        self.kv.compact_many(items, self.model.llm.inv_freq)

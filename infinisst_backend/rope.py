@@ -2,8 +2,9 @@
 
 Feature ``i`` of the first half of a head pairs with feature ``i + D/2``; the pair is rotated by the angle
 ``position * inv_freq[i]``. Keys are stored rotated in the paged cache, so eviction re-rotates the retained
-tail by a position delta (:func:`rerotate`): angles are linear in the position, so rotating a key stored at
-position ``p`` by ``-delta`` gives exactly the key at position ``p - delta``.
+tail by a position delta (:func:`rerotate`; :func:`rerotate_tokens` takes one delta per token): angles are
+linear in the position, so rotating a key stored at position ``p`` by ``-delta`` gives exactly the key at
+position ``p - delta``.
 
 Frequencies and angles are computed in float64 and cast once to the compute dtype, so a re-rotated key equals
 a freshly rotated one to float64 rounding (HF computes them in float32; the difference is far below bf16).
@@ -74,16 +75,41 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return _rotate(x, cos[:, None, :], sin[:, None, :])
 
 
+def rerotation_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype re-rotation computes in: float32, or float64 for float64 data."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rerotation_cos_sin(delta: int, freq: Tensor) -> Tensor:
+    """cos and sin ``[2, D/2]`` (float64, on ``freq``'s device) of the angles ``delta * freq`` of a re-rotation."""
+    angle = delta * freq.to(torch.float64)
+    return torch.stack((angle.cos(), angle.sin()))
+
+
 def rerotate(x: Tensor, delta: int, freq: Tensor) -> Tensor:
     """Rotate already-rotated vectors ``x [..., D]`` by ``delta`` positions (negative moves them back).
 
     Computed in float32 (float64 for float64 input) and cast back once, so a bf16 cache loses one rounding.
     """
-    compute = torch.promote_types(x.dtype, torch.float32)
-    angle = delta * freq.to(torch.float64)
-    cos = angle.cos().to(device=x.device, dtype=compute)
-    sin = angle.sin().to(device=x.device, dtype=compute)
-    return _rotate(x.to(compute), cos, sin).to(x.dtype)
+    cos, sin = rerotation_cos_sin(delta, freq).to(device=x.device, dtype=rerotation_compute_dtype(x.dtype))
+    return _rotate(x.to(cos.dtype), cos, sin).to(x.dtype)
+
+
+def rerotate_tokens(x: Tensor, cos_sin: Tensor) -> Tensor:
+    """Rotate ``x [T, ..., D]`` token by token: ``cos_sin [T, 2, D/2]`` holds each token's own re-rotation.
+
+    ``cos_sin`` rows are :func:`rerotation_cos_sin` cast to :func:`rerotation_compute_dtype` on ``x``'s
+    device. Every element is computed as :func:`rerotate` computes it (products and sums in the compute
+    dtype, one cast back), so the results are identical; the halves are written in place of a concatenation.
+    """
+    half = x.shape[-1] // 2
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (half,)
+    cos, sin = cos_sin[:, 0].reshape(shape), cos_sin[:, 1].reshape(shape)
+    x1, x2 = x[..., :half], x[..., half:]  # promoted to the compute dtype inside each product (exactly)
+    out = torch.empty_like(x)
+    torch.sub(x1 * cos, x2 * sin, out=out[..., :half])
+    torch.add(x2 * cos, x1 * sin, out=out[..., half:])
+    return out
 
 
 class RotaryEmbedding:

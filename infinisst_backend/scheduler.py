@@ -5,7 +5,9 @@ Each engine step is one phase only:
   the chunk's arrival, up to ``max_batch_size`` streams and ``max_prefill_tokens`` prompt tokens;
 - **decode**: one token for every row of every stream in a turn (a beam-4 stream has 4 rows), oldest turn
   first, up to ``max_batch_size`` rows.
-Prefill runs first whenever some prefill is ready. New work joins at the next step.
+Prefill runs first whenever a prefill batch is due: when it is full (``max_batch_size`` streams or
+``max_prefill_tokens`` tokens), or when its oldest chunk has waited ``batch_timeout_s`` for more streams to join
+(0: at once). While a batch fills, decode steps run. New work joins at the next step.
 
 Admission reserves each stream's worst-case KV footprint when it opens, so page allocation never fails later
 and nothing is ever preempted. The scheduler sees streams and page counts, never tensors.
@@ -62,12 +64,12 @@ class Scheduler:
             return self._decode(decoding)  # the baseline: no new work joins a running batch
         if ready:
             step = self._prefill(ready, system_len_hint)
-            if decoding or len(step.streams) >= self.cfg.max_batch_size:
+            # A prefill is due once full, or once its oldest chunk has waited batch_timeout_s for more streams
+            # to join; until then decode steps run (or, with nothing to decode, the engine waits).
+            if len(step.streams) < len(ready) or now - ready[0].chunks[0].arrival >= self.cfg.batch_timeout_s:
                 return step
-            # Idle engine: wait up to batch_timeout after the oldest arrival for more streams to join.
-            if now - ready[0].chunks[0].arrival >= self.cfg.batch_timeout_s:
+            if len(step.streams) >= self.cfg.max_batch_size:
                 return step
-            return None
         if decoding:
             return self._decode(decoding)
         return None

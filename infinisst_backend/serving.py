@@ -56,6 +56,9 @@ class ServingConfig:
     # TEST ONLY (docs/reliability.md): "ID" or "ID@N", comma-separated; the stream of sequence ID raises an
     # injected error in its N-th decoding step (default 1). Empty in every real deployment.
     test_fault_sequence_ids: str = ""
+    # BENCHMARK ONLY (dummy weights never emit EOT): a seed; every turn's length is drawn from the benchmark's
+    # seeded distribution (forced_turns.TurnLengths). Empty in every real deployment.
+    benchmark_forced_turn_seed: str = ""
 
 
 _LAYER_FIELDS = {f.name for f in dataclasses.fields(ServingConfig)} - {"engine", "checkpoint"}
@@ -150,6 +153,7 @@ def serving_config_from_parameters(params: dict[str, str], device: str, project_
         if isinstance(value, (int, float)) and value <= 0:
             raise ConfigError(f"config.pbtxt parameter {name!r}: invalid value {value!r}, expected > 0")
     parse_fault_ids(layer.get("test_fault_sequence_ids", ""))
+    parse_forced_turn_seed(layer.get("benchmark_forced_turn_seed", ""))
     checkpoint = resolve_checkpoint(params.get("checkpoint", ""), project_root)
     return ServingConfig(engine=engine, checkpoint=checkpoint, **layer)
 
@@ -175,6 +179,19 @@ def parse_fault_ids(text: str) -> dict[str, int]:
             )
         faults[ident] = int(step) if at else 1
     return faults
+
+
+def parse_forced_turn_seed(text: str) -> int | None:
+    """The ``benchmark_forced_turn_seed`` parameter: None when empty, else a non-negative integer seed."""
+    text = text.strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ConfigError(
+            f"config.pbtxt parameter 'benchmark_forced_turn_seed': invalid value {text!r}, expected a non-negative "
+            "integer seed, or empty (off)"
+        )
+    return int(text)
 
 
 class InjectedFault(RuntimeError):

@@ -6,10 +6,16 @@ The data path for one chunk of one stream (model doc §3, §4):
       --> layer_norm --> post_extract_proj --> pre-LN layers (attend to <= max_cache_frames cached frames + the chunk)
       --> encoder.layer_norm --> length adapter (4x down) --> proj  ==>  [12*k, llm_hidden]
 
-Per stream, :class:`SpeechCache` carries the raw-audio tail the CNN re-runs on and, per layer, the *un-rotated* keys
-and values of the last ``max_cache_frames`` frames. RoPE is applied on every chunk with compact positions (the oldest
-cached frame is position 0), as the reference does; attention scores only depend on position differences, so this
-equals the offline computation with absolute positions (:meth:`SpeechFrontend.encode_full`).
+Per stream, :class:`SpeechCache` carries the raw-audio tail the CNN re-runs on and a slot of a
+:class:`SpeechCachePool`, a ring buffer holding, per layer, the *un-rotated* keys and values of the last
+``max_cache_frames`` frames. RoPE is applied on every chunk with compact positions (the oldest cached frame is
+position 0), as the reference does; attention scores only depend on position differences, so this equals the offline
+computation with absolute positions (:meth:`SpeechFrontend.encode_full`).
+
+A batch reads every stream's whole ring window (W = ``max_cache_frames`` rows) whatever the stream's age, and a
+per-stream mask hides the rows a young stream has not written yet (each keeps its own compact positions), so streams
+past their first chunk batch together at any age and block phase. In the steady state (full tail, chunk and window)
+the whole batch can be a CUDA-graph replay instead (:mod:`.encoder_graphs`).
 
 Attention mask rule (shared by the streaming and the offline path): frame ``t`` (absolute index in the stream) sees
 frame ``j`` iff ``t - max_cache_frames <= j < end_of_block(t)``, blocks being ``48*m`` frames aligned to frame 0.
@@ -18,13 +24,21 @@ frame ``j`` iff ``t - max_cache_frames <= j < end_of_block(t)``, blocks being ``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SAMPLES_PER_UNIT, SpeechEncoderConfig
+from .errors import CapacityError
+
+if TYPE_CHECKING:
+    from .encoder_graphs import EncoderGraphs
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,13 +63,16 @@ def _check_multiplier(m: int) -> None:
 def chunk_attention_bias(
     q_frames: Tensor, k_frames: Tensor, block_size: int, window: int, dtype: torch.dtype
 ) -> Tensor:
-    """Additive mask [Tq, Tk] (0 or -inf) from absolute frame indices of queries [Tq] and keys [Tk].
+    """Additive mask [..., Tq, Tk] (0 or -inf) from absolute frame indices of queries [..., Tq] and keys [..., Tk]
+    (leading dims broadcast: one mask per stream from [S, Tq] and [S, Tk]).
 
     Frame t sees frame j iff ``t - window <= j < (t // block_size + 1) * block_size``: full attention inside its
-    block, a per-frame sliding window into the past, nothing from later blocks.
+    block, a per-frame sliding window into the past, nothing from later blocks. Keys before the stream's start
+    (negative indices: the unwritten part of a padded cache window) are never seen.
     """
-    block_end = (q_frames // block_size + 1) * block_size
-    visible = (k_frames[None, :] >= q_frames[:, None] - window) & (k_frames[None, :] < block_end[:, None])
+    q, k = q_frames[..., :, None], k_frames[..., None, :]
+    block_end = (q // block_size + 1) * block_size
+    visible = (k >= q - window) & (k < block_end) & (k >= 0)
     bias = torch.zeros(visible.shape, dtype=dtype, device=q_frames.device)
     return bias.masked_fill_(~visible, float("-inf"))
 
@@ -128,6 +145,17 @@ class FeatureExtractor(nn.Module):
 # Rotary embeddings
 
 
+def _rope_positions(offset: Tensor, length: int) -> Tensor:
+    """Integer positions ``offset[..., None] + 0..length-1``: per-row offsets (e.g. [S, 1] for x [S, H, T, D]).
+
+    Exact integers, rounded once to the rotary's dtype by the caller. They equal the int path's values (``arange``
+    in that dtype ``+ offset``) in fp32/fp64, and in bf16 for offset 0 (keys) and for offsets bf16 holds exactly
+    (frames cached: multiples of 48 below 4096) with length <= 256 (queries of m <= 5): there the int path only
+    rounds the exact sum too.
+    """
+    return offset[..., None] + torch.arange(length, device=offset.device)
+
+
 class InterleavedRotary(nn.Module):
     """rotary-embedding-torch semantics: feature pair (2i, 2i+1) turns by angle pos * freqs[i].
 
@@ -141,11 +169,15 @@ class InterleavedRotary(nn.Module):
         exponents = torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim
         self.freqs = nn.Parameter(1.0 / theta**exponents, requires_grad=False)
 
-    def forward(self, x: Tensor, offset: int) -> Tensor:
-        """x [..., T, D] -> rotated x, positions offset..offset+T-1."""
-        positions = torch.arange(x.shape[-2], device=x.device, dtype=x.dtype) + offset
-        angles = positions.to(self.freqs.dtype)[:, None] * self.freqs  # [T, D/2]
-        angles = angles.repeat_interleave(2, dim=-1)  # [T, D]: f0 f0 f1 f1 ...
+    def forward(self, x: Tensor, offset: int | Tensor) -> Tensor:
+        """x [..., T, D] -> rotated x, positions offset..offset+T-1 (a tensor offset: :func:`_rope_positions`)."""
+        if isinstance(offset, Tensor):
+            positions = _rope_positions(offset, x.shape[-2]).to(x.dtype)
+        else:
+            positions = torch.arange(x.shape[-2], device=x.device, dtype=x.dtype) + offset
+        angles = positions.to(self.freqs.dtype)[..., None] * self.freqs  # [..., T, D/2]
+        # f0 f0 f1 f1 ...: repeat_interleave's values, by expand (pure device ops, as a CUDA graph needs).
+        angles = angles[..., None].expand(*angles.shape, 2).flatten(-2)  # [..., T, D]
         pairs = x.unflatten(-1, (-1, 2))
         turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (a, b) -> (-b, a)
         return (x * angles.cos() + turned * angles.sin()).to(x.dtype)
@@ -159,13 +191,16 @@ class HalfRotary(nn.Module):
         self.head_dim = head_dim
         self.theta = theta
 
-    def forward(self, x: Tensor, offset: int) -> Tensor:
-        """x [..., T, D] -> rotated x, positions offset..offset+T-1."""
+    def forward(self, x: Tensor, offset: int | Tensor) -> Tensor:
+        """x [..., T, D] -> rotated x, positions offset..offset+T-1 (a tensor offset: :func:`_rope_positions`)."""
         acc = _accumulate_dtype(x.dtype)
         inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, device=x.device, dtype=acc) / self.head_dim)
-        positions = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=acc)
-        angles = positions[:, None] * inv_freq  # [T, D/2]
-        angles = torch.cat((angles, angles), dim=-1)  # [T, D]
+        if isinstance(offset, Tensor):
+            positions = _rope_positions(offset, x.shape[-2]).to(acc)
+        else:
+            positions = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=acc)
+        angles = positions[..., None] * inv_freq  # [..., T, D/2]
+        angles = torch.cat((angles, angles), dim=-1)  # [..., T, D]
         first, second = x.chunk(2, dim=-1)
         turned = torch.cat((-second, first), dim=-1)
         return x * angles.cos().to(x.dtype) + turned * angles.sin().to(x.dtype)
@@ -173,6 +208,9 @@ class HalfRotary(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Transformer
+
+# RoPE positions of (the first query, the first key): ints, or per-stream [S, 1] tensors.
+_Positions = tuple[int | Tensor, int | Tensor]
 
 
 class SelfAttention(nn.Module):
@@ -191,25 +229,30 @@ class SelfAttention(nn.Module):
         rotary = InterleavedRotary if cfg.rope_variant == "interleaved" else HalfRotary
         self.rotary_emb = rotary(self.head_dim, cfg.rope_theta)
 
-    def forward(self, x: Tensor, past_k: Tensor | None, past_v: Tensor | None, bias: Tensor):
-        """x [S, T, E]; past_k/v [S, H, C, D] un-rotated or None; bias [T, C+T].
+    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None, bias: Tensor, positions: _Positions | None = None):
+        """x [S, T, E]; past (k, v) [S, H, C, D] un-rotated, or None; bias [T, C+T] or [S, 1, T, C+T].
 
-        Returns (out [S, T, E], k [S, H, C+T, D], v [S, H, C+T, D]) with k/v un-rotated, for the cache.
+        ``positions`` (query offset, key offset), each an int or a per-stream [S, 1] tensor, are the RoPE positions
+        of the first query and the first key; by default (C, 0): compact positions, the oldest key at 0.
+
+        Returns (out [S, T, E], k [S, T, H, D], v [S, T, H, D]): the chunk's own keys and values, un-rotated, for
+        the cache.
         """
         batch, length, dim = x.shape
         q = self.q_proj(x) * self.scaling
-        k, v = self.k_proj(x), self.v_proj(x)
-        q, k, v = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        if past_k is not None:
-            k = torch.cat((past_k, k), dim=2)
-            v = torch.cat((past_v, v), dim=2)
-        cached = k.shape[2] - length
-        # Compact positions: keys 0..C+T-1, queries C..C+T-1 (rotate_queries_with_cached_keys).
-        scores = self.rotary_emb(q, cached) @ self.rotary_emb(k, 0).transpose(-1, -2)  # [S, H, T, C+T]
+        new_k, new_v = (p(x).view(batch, length, self.num_heads, self.head_dim) for p in (self.k_proj, self.v_proj))
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = new_k.transpose(1, 2), new_v.transpose(1, 2)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        # Compact positions by default: keys 0..C+T-1, queries C..C+T-1 (rotate_queries_with_cached_keys).
+        q_pos, k_pos = positions if positions is not None else (k.shape[2] - length, 0)
+        scores = self.rotary_emb(q, q_pos) @ self.rotary_emb(k, k_pos).transpose(-1, -2)  # [S, H, T, C+T]
         scores = scores + bias
         probs = torch.softmax(scores.to(_accumulate_dtype(scores.dtype)), dim=-1).to(v.dtype)
         out = (probs @ v).transpose(1, 2).reshape(batch, length, dim)
-        return self.out_proj(out), k, v
+        return self.out_proj(out), new_k, new_v
 
 
 class EncoderLayer(nn.Module):
@@ -223,8 +266,8 @@ class EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.embed_dim)
         self.final_layer_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: Tensor, past_k: Tensor | None, past_v: Tensor | None, bias: Tensor):
-        attn, k, v = self.self_attn(self.self_attn_layer_norm(x), past_k, past_v, bias)
+    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None, bias: Tensor, positions: _Positions | None = None):
+        attn, k, v = self.self_attn(self.self_attn_layer_norm(x), past, bias, positions)
         x = x + attn
         hidden = self.fc1(self.final_layer_norm(x))
         hidden = F.gelu(hidden.to(_accumulate_dtype(hidden.dtype))).to(hidden.dtype)
@@ -237,12 +280,22 @@ class TransformerEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
         self.layer_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: Tensor, past: list[tuple[Tensor, Tensor]] | None, bias: Tensor):
-        """x [S, T, E]; past: per layer (k, v) [S, H, C, D] or None. Returns (x, per-layer (k, v) [S, H, C+T, D])."""
+    def forward(
+        self,
+        x: Tensor,
+        bias: Tensor,
+        past: Callable[[int], tuple[Tensor, Tensor]] | None = None,
+        positions: _Positions | None = None,
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """x [S, T, E]; ``past(i)`` gives layer i's cached (k, v) [S, H, C, D], or None for no cache: it is called
+        layer by layer, so only one layer's copy of the cache is alive at a time. ``positions``: see
+        :meth:`SelfAttention.forward`.
+
+        Returns (x, per layer the chunk's (k, v) [S, T, H, D]).
+        """
         present = []
         for i, layer in enumerate(self.layers):
-            past_k, past_v = past[i] if past is not None else (None, None)
-            x, k, v = layer(x, past_k, past_v, bias)
+            x, k, v = layer(x, past(i) if past is not None else None, bias, positions)
             present.append((k, v))
         return self.layer_norm(x), present
 
@@ -288,36 +341,182 @@ class LengthAdapter(nn.Module):
 # Per-stream cache and the frontend
 
 
-@dataclass(slots=True)
-class SpeechCache:
-    """One stream's encoder state. Memory is bounded: the tail holds at most prefix + 320*48*m samples and each
-    layer at most ``max_cache_frames`` frames of K/V, whatever the stream length."""
+class SpeechCachePool:
+    """The K/V storage of many streams' speech caches, one slot per stream.
 
-    m: int  # latency multiplier: block size 48*m frames
-    audio_tail: Tensor | None = None  # [N] raw samples (module dtype) the CNN re-runs on; None before the first chunk
-    frames_encoded: int = 0  # frames of the stream encoded so far (absolute index of the next frame)
-    keys: list[Tensor] = field(default_factory=list)  # per layer [H, C, D], un-rotated, C <= max_cache_frames
-    values: list[Tensor] = field(default_factory=list)  # per layer [H, C, D]
+    ``data`` [layers, 2 (K, V), slots * W, H, D] holds un-rotated keys and values, W = ``max_cache_frames``. Slot s
+    owns rows s*W .. s*W + W - 1 as a ring buffer: absolute frame f of its stream lives at row s*W + f % W. A batch of
+    streams thus reads its cached frames with one gather per layer and stores a chunk's frames with one scatter per
+    layer and K/V (or one for all layers, :meth:`write_all`), whatever the batch size.
+
+    A batch always reads a stream's whole slot (W rows), the frames it has not written yet included, and masks those
+    out (:func:`chunk_attention_bias`). The memory is not initialized; a stream's first chunk zeroes its slot
+    (:meth:`clear`) so that the masked rows hold finite values (an -inf bias does not cancel a NaN).
+
+    A fixed pool (the engine's, one slot per possible stream, allocated up front) raises CapacityError when every
+    slot is in use; a growable one (the frontend's default, for tests and tools) doubles instead.
+    """
+
+    def __init__(
+        self,
+        cfg: SpeechEncoderConfig,
+        num_slots: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        growable: bool = False,
+    ):
+        self.cfg = cfg
+        self.window = cfg.max_cache_frames
+        self.growable = growable
+        shape = (cfg.num_layers, 2, num_slots * self.window, cfg.num_heads, cfg.head_dim)
+        self.data = torch.empty(shape, dtype=dtype, device=device)
+        self._free = list(range(num_slots - 1, -1, -1))  # a stack: lowest slot first, released slots reused first
+
+    @property
+    def num_slots(self) -> int:
+        return self.data.shape[2] // self.window
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Bytes of one slot: K and V of ``max_cache_frames`` frames in every layer."""
+        return 2 * self.cfg.num_layers * self.window * self.cfg.embed_dim * self.data.element_size()
+
+    def acquire(self) -> int:
+        """A free slot. Raises CapacityError if a fixed pool is full."""
+        if not self._free:
+            if not self.growable:
+                raise CapacityError(f"all {self.num_slots} speech cache slots are in use")
+            self._grow()
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def ring_rows(self, slots: list[int], first_frames: list[int], count: int) -> Tensor:
+        """Rows [S, count] of the absolute frames first_frames[s] .. first_frames[s] + count - 1 of slot slots[s]."""
+        start = torch.tensor([slots, first_frames], device=self.data.device)  # [2, S]: one small copy
+        return self.rows(start[0], start[1], count)
+
+    def rows(self, slots: Tensor, first_frames: Tensor, count: int) -> Tensor:
+        """:meth:`ring_rows` from device tensors [S] (pure device ops: usable inside a CUDA graph). Frames may be
+        negative (before the stream's start): they map to rows of the slot all the same."""
+        frames = first_frames[:, None] + torch.arange(count, device=first_frames.device)
+        return slots[:, None] * self.window + frames % self.window  # floor modulo: in 0..W-1 for negative frames too
+
+    def gather(self, layer: int, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Layer ``layer``'s (k, v) [S, H, C, D] at rows [S, C]: a copy, made by one indexing op."""
+        # index_select of whole frames (H*D values) is faster on GPU than advanced indexing.
+        kv = self.data[layer].flatten(2).index_select(1, rows.flatten())  # [2, S*C, H*D]
+        k, v = kv.view(2, *rows.shape, self.cfg.num_heads, self.cfg.head_dim)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def write(self, layer: int, rows: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store layer ``layer``'s (k, v) [S, F, H, D] at rows [S, F], which must be distinct."""
+        self.data[layer, 0][rows] = k
+        self.data[layer, 1][rows] = v
+
+    def write_all(self, rows: Tensor, kv: Tensor) -> None:
+        """Store every layer's K and V, ``kv`` [layers, 2, S, F, H, D], at rows [S, F] (distinct): one op."""
+        self.data.index_copy_(2, rows.flatten(), kv.flatten(2, 3))
+
+    def clear(self, slots: Tensor) -> None:
+        """Zero every row of the slots [S] (device tensor), in every layer: one op."""
+        rows = slots[:, None] * self.window + torch.arange(self.window, device=slots.device)
+        self.data.index_fill_(2, rows.flatten(), 0)
+
+    def _grow(self) -> None:
+        old = self.num_slots
+        new = max(1, 2 * old)
+        extra = self.data.new_empty((*self.data.shape[:2], (new - old) * self.window, *self.data.shape[3:]))
+        self.data = torch.cat((self.data, extra), dim=2)
+        self._free.extend(range(new - 1, old - 1, -1))
+
+
+class SpeechCache:
+    """One stream's encoder state: a :class:`SpeechCachePool` slot for the K/V of its last ``max_cache_frames``
+    frames, and the raw-audio tail (at most prefix + 320*48*m samples), so memory is bounded whatever the stream
+    length. The slot goes back to the pool on :meth:`release` or when the cache is garbage-collected."""
+
+    __slots__ = ("pool", "slot", "m", "audio_tail", "frames_encoded", "_finalizer", "__weakref__")
+
+    def __init__(self, pool: SpeechCachePool, m: int):
+        self.pool = pool
+        self.slot = pool.acquire()
+        self.m = m  # latency multiplier: block size 48*m frames
+        self.audio_tail: Tensor | None = None  # [N] raw samples (module dtype) the CNN re-runs on; None at first
+        self.frames_encoded = 0  # frames of the stream encoded so far (absolute index of the next frame)
+        self._finalizer = weakref.finalize(self, pool.release, self.slot)
+
+    def release(self) -> None:
+        """Give the slot back to the pool (a second call does nothing); the cache cannot be used afterwards."""
+        self._finalizer()
+
+    @property
+    def released(self) -> bool:
+        return not self._finalizer.alive
 
     @property
     def frames_cached(self) -> int:
-        """Frames of K/V held per layer."""
-        return self.keys[0].shape[1] if self.keys else 0
+        """Frames of K/V held per layer: the last ``max_cache_frames`` frames encoded."""
+        return min(self.frames_encoded, self.pool.window)
+
+    @property
+    def keys(self) -> list[Tensor]:
+        """Per layer [H, C, D] cached keys, un-rotated, oldest frame first: copies, for tests and inspection."""
+        return self._cached(0)
+
+    @property
+    def values(self) -> list[Tensor]:
+        """Per layer [H, C, D] cached values, oldest frame first: copies, for tests and inspection."""
+        return self._cached(1)
 
     def nbytes(self) -> int:
-        """Bytes of tensor storage this cache holds."""
-        tensors = [*self.keys, *self.values] + ([self.audio_tail] if self.audio_tail is not None else [])
-        return sum(t.untyped_storage().nbytes() for t in tensors)
+        """Bytes this stream holds: its pool slot and its audio tail."""
+        tail = 0 if self.audio_tail is None else self.audio_tail.untyped_storage().nbytes()
+        return self.pool.slot_nbytes + tail
+
+    def _cached(self, kind: int) -> list[Tensor]:
+        if self.released:
+            raise ValueError("the speech cache was released")
+        cached = self.frames_cached
+        rows = self.pool.ring_rows([self.slot], [self.frames_encoded - cached], cached)[0]
+        return [layer[kind][rows].transpose(0, 1) for layer in self.pool.data]
 
 
 @dataclass(slots=True)
-class _CacheUpdate:
-    """A computed new state, applied to its cache only once every stream of the call has been encoded."""
+class _GroupUpdate:
+    """A group's new state, applied to its caches only once every group of the call has been encoded."""
 
-    audio_tail: Tensor
-    frames_encoded: int
-    keys: list[Tensor]
-    values: list[Tensor]
+    caches: list[SpeechCache]
+    audio_tails: list[Tensor]  # per stream, the new CNN tail
+    num_new: int  # frames encoded per stream (48*k)
+    rows: Tensor  # [S, F] ring rows of each stream's last F = min(48*k, max_cache_frames) new frames
+    # The K/V of those frames: per layer (k, v) [S, F, H, D], or every layer's in one [layers, 2, S, F, H, D].
+    present: list[tuple[Tensor, Tensor]] | Tensor
+    clear: Tensor | None = None  # first chunks: the slots [S] to zero before the writes
+
+    def own(self) -> None:
+        """Copy the K/V and rows out of buffers that are reused (a CUDA-graph group's static outputs)."""
+        self.rows = self.rows.clone()
+        if isinstance(self.present, Tensor):
+            self.present = self.present.clone()
+
+    def apply(self) -> None:
+        pool = self.caches[0].pool
+        if self.clear is not None:
+            pool.clear(self.clear)
+        if isinstance(self.present, Tensor):
+            pool.write_all(self.rows, self.present)
+        else:
+            for layer, (k, v) in enumerate(self.present):
+                pool.write(layer, self.rows, k, v)
+        for cache, tail in zip(self.caches, self.audio_tails):
+            cache.audio_tail = tail
+            cache.frames_encoded += self.num_new
 
 
 class SpeechFrontend(nn.Module):
@@ -346,6 +545,7 @@ class SpeechFrontend(nn.Module):
         self.speech_encoder = SpeechEncoder(cfg)
         self.length_shrink = LengthAdapter(cfg)
         self.proj = nn.Linear(cfg.embed_dim, llm_hidden_size)
+        self._pool: SpeechCachePool | None = None  # the default pool of new_cache, made on first use
 
     @property
     def dtype(self) -> torch.dtype:
@@ -357,10 +557,22 @@ class SpeechFrontend(nn.Module):
 
     # -- public API ------------------------------------------------------------------------------------------------
 
-    def new_cache(self, m: int) -> SpeechCache:
-        """An empty cache for a stream with latency multiplier m (chunks of 15360*m samples)."""
+    def new_pool(self, num_slots: int) -> SpeechCachePool:
+        """A fixed pool of ``num_slots`` cache slots in the module's dtype and device, allocated now."""
+        return SpeechCachePool(self.cfg, num_slots, self.dtype, self.device)
+
+    def new_cache(self, m: int, pool: SpeechCachePool | None = None) -> SpeechCache:
+        """An empty cache for a stream with latency multiplier m (chunks of 15360*m samples).
+
+        Its K/V live in a slot of ``pool`` (see :meth:`new_pool`), by default of a growable pool of the frontend's.
+        Streams are batched only with streams of the same pool. Raises CapacityError if a fixed pool is full.
+        """
         _check_multiplier(m)
-        return SpeechCache(m=m)
+        if pool is None:
+            pool = self._pool
+            if pool is None or pool.data.dtype != self.dtype or pool.data.device != self.device:
+                pool = self._pool = SpeechCachePool(self.cfg, 0, self.dtype, self.device, growable=True)
+        return SpeechCache(pool, m)
 
     def encode_chunk(self, cache: SpeechCache, samples: Tensor) -> Tensor:
         """Encode a stream's next chunk: 1..15360*m new samples (a full chunk, or the final partial one).
@@ -373,8 +585,17 @@ class SpeechFrontend(nn.Module):
         return self.encode_chunks([cache], [samples])[0]
 
     @torch.inference_mode()
-    def encode_chunks(self, caches: list[SpeechCache], samples_list: list[Tensor]) -> list[Tensor]:
-        """:meth:`encode_chunk` for several streams at once; streams in the same state shape run as one batch.
+    def encode_chunks(
+        self, caches: list[SpeechCache], samples_list: list[Tensor], graphs: EncoderGraphs | None = None
+    ) -> list[Tensor]:
+        """:meth:`encode_chunk` for several streams at once. Streams of one pool with the same m, tail length and
+        chunk length run as one batch, which reads and writes its caches with a fixed number of ops whatever its
+        size: all streams at their first chunk, or all past it at any age and block phase (each one's cache window
+        and mask are padded to the full ``max_cache_frames``).
+
+        ``graphs`` (GPU, :class:`~infinisst_backend.encoder_graphs.EncoderGraphs` of this frontend): the streams in
+        the steady state it was captured for (full chunk, full tail and window, a captured m) run as replays of
+        CUDA graphs instead, the others as usual.
 
         Every input is validated before any cache changes, and caches are updated only after all are encoded.
         """
@@ -382,25 +603,38 @@ class SpeechFrontend(nn.Module):
             raise ValueError(f"got {len(caches)} caches but {len(samples_list)} sample tensors")
         if len({id(c) for c in caches}) != len(caches):
             raise ValueError("the same SpeechCache appears twice in one call")
-        chunks = [self._prepare_chunk(cache, samples) for cache, samples in zip(caches, samples_list)]
+        if graphs is not None and graphs.frontend is not self:
+            raise ValueError("the encoder graphs were captured for another SpeechFrontend")
+        units = [self._check_chunk(cache, samples) for cache, samples in zip(caches, samples_list)]
 
         groups: dict[tuple, list[int]] = {}
-        for i, (cache, chunk) in enumerate(zip(caches, chunks)):
-            block = self.cfg.block_size * cache.m
+        for i, (cache, samples) in enumerate(zip(caches, samples_list)):
+            graphed = graphs is not None and graphs.fits(cache, samples)
             tail = 0 if cache.audio_tail is None else cache.audio_tail.numel()
-            key = (cache.m, tail, chunk.numel(), cache.frames_cached, cache.frames_encoded % block)
-            groups.setdefault(key, []).append(i)
+            groups.setdefault((id(cache.pool), cache.m, tail, units[i], graphed), []).append(i)
 
         outputs: list[Tensor | None] = [None] * len(caches)
-        updates: list[_CacheUpdate | None] = [None] * len(caches)
-        for members in groups.values():
-            embeds, group_updates = self._encode_group([caches[i] for i in members], [chunks[i] for i in members])
-            for j, i in enumerate(members):
-                outputs[i], updates[i] = embeds[j], group_updates[j]
+        updates: list[_GroupUpdate] = []
+        pending: _GroupUpdate | None = None  # the last replay's update: it reads the graphs' static outputs
+        for key, members in groups.items():
+            graphed = key[-1]
+            size = graphs.max_batch if graphed else len(members)
+            for begin in range(0, len(members), size):
+                part = members[begin : begin + size]
+                group, samples = [caches[i] for i in part], [samples_list[i] for i in part]
+                if graphed:
+                    if pending is not None:
+                        pending.own()  # the next replay overwrites the static outputs
+                    embeds, update = graphs.run(group, samples)
+                    pending = update
+                else:
+                    embeds, update = self._encode_group(group, samples)
+                for j, i in enumerate(part):
+                    outputs[i] = embeds[j]
+                updates.append(update)
 
-        for cache, update in zip(caches, updates):
-            cache.audio_tail, cache.frames_encoded = update.audio_tail, update.frames_encoded
-            cache.keys, cache.values = update.keys, update.values
+        for update in updates:
+            update.apply()
         return outputs
 
     @torch.inference_mode()
@@ -420,7 +654,7 @@ class SpeechFrontend(nn.Module):
         x = self.speech_encoder.frames(audio[None], num_frames)  # [1, F, E]
         frames = torch.arange(num_frames, device=self.device)
         bias = chunk_attention_bias(frames, frames, self.cfg.block_size * m, self.cfg.max_cache_frames, self.dtype)
-        x, _ = self.speech_encoder.encoder(x, None, bias)
+        x, _ = self.speech_encoder.encoder(x, bias)
         return self.proj(self.length_shrink(x))[0]
 
     # -- internals -------------------------------------------------------------------------------------------------
@@ -443,55 +677,97 @@ class SpeechFrontend(nn.Module):
         before = self.prefix_samples if prefix else 0
         return F.pad(samples, (before, length - samples.numel()))
 
-    def _prepare_chunk(self, cache: SpeechCache, samples: Tensor) -> Tensor:
-        """Validate one stream's input and return its new audio [k*15360 (+399 on the first call)]."""
+    def _check_chunk(self, cache: SpeechCache, samples: Tensor) -> int:
+        """Validate one stream's input; returns its number of units k (the chunk is padded to k*15360 samples)."""
         if not isinstance(cache, SpeechCache):
             raise ValueError(f"expected a SpeechCache, got {type(cache).__name__}")
-        if cache.keys and len(cache.keys) != self.cfg.num_layers:
-            raise ValueError(f"cache has {len(cache.keys)} layers, the encoder {self.cfg.num_layers}")
+        if cache.released:
+            raise ValueError("the speech cache was released")
+        pool = cache.pool
+        if pool.cfg != self.cfg or pool.data.dtype != self.dtype or pool.data.device != self.device:
+            raise ValueError("the cache's pool was made for another encoder config, dtype or device")
         self._check_samples(samples, SAMPLES_PER_UNIT * cache.m)
-        units = math.ceil(samples.numel() / SAMPLES_PER_UNIT)
-        return self._pad(samples, units * SAMPLES_PER_UNIT, prefix=cache.audio_tail is None)
+        return math.ceil(samples.numel() / SAMPLES_PER_UNIT)
 
-    def _encode_group(self, caches: list[SpeechCache], chunks: list[Tensor]) -> tuple[Tensor, list[_CacheUpdate]]:
-        """Encode streams whose tail length, chunk length, cached frames and block phase all match.
+    def tail_samples(self, m: int) -> int:
+        """Raw samples a stream keeps for the CNN after a chunk: the 399-sample receptive overlap + one block."""
+        return self.prefix_samples + self.hop * self.cfg.block_size * m
 
-        Returns embeddings [S, 12*k, llm_hidden] and each stream's new state.
+    def _window_inputs(
+        self, pool: SpeechCachePool, slots: Tensor, starts: Tensor, num_new: int, m: int, cached: int
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """A group's cache rows and mask from its streams' slots and frames encoded, device tensors [S]; pure device
+        ops, so that a CUDA graph computes them from static buffers.
+
+        The keys are ``cached`` frames before the chunk (0 for first chunks, else W = max_cache_frames: frames
+        P-W .. P-1 whatever the stream's age P, those before its start masked), then the chunk's T frames.
+        Returns (rows [S, C] of the cached frames, or None when C = 0; bias [S, 1, T, C+T]; rows [S, F] where the
+        chunk's last F = min(T, W) frames go).
         """
-        first = caches[0]
-        num_new = (chunks[0].numel() // SAMPLES_PER_UNIT) * self.cfg.block_size  # 48*k
-        audio = torch.stack(
-            [chunk if c.audio_tail is None else torch.cat((c.audio_tail, chunk)) for c, chunk in zip(caches, chunks)]
-        )  # [S, tail + new]
+        window = pool.window
+        k_frames = starts[:, None] - cached + torch.arange(cached + num_new, device=starts.device)  # [S, C+T]
+        bias = chunk_attention_bias(k_frames[:, cached:], k_frames, self.cfg.block_size * m, window, self.dtype)
+        read_rows = pool.rows(slots, starts - cached, cached) if cached else None
+        keep = min(num_new, window)
+        write_rows = pool.rows(slots, starts + (num_new - keep), keep)
+        return read_rows, bias[:, None], write_rows
+
+    def _encode_window(
+        self,
+        audio: Tensor,
+        num_new: int,
+        pool: SpeechCachePool,
+        read_rows: Tensor | None,
+        bias: Tensor,
+        positions: _Positions | None = None,
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """The encoder pass of a group: audio [S, tail + chunk] -> (embeddings [S, T/4, llm_hidden], per layer the
+        chunk's (k, v) [S, T, H, D]), each layer's cached window gathered from ``pool`` at ``read_rows``."""
         x = self.speech_encoder.frames(audio, num_new)  # [S, T, E]
+        past = partial(pool.gather, rows=read_rows) if read_rows is not None else None
+        x, present = self.speech_encoder.encoder(x, bias, past, positions)
+        return self.proj(self.length_shrink(x)), present
 
-        # Cached keys hold absolute frames P-C .. P-1, the chunk P .. P+T-1.
-        start, cached = first.frames_encoded, first.frames_cached
-        q_frames = torch.arange(start, start + num_new, device=self.device)
-        k_frames = torch.arange(start - cached, start + num_new, device=self.device)
-        bias = chunk_attention_bias(
-            q_frames, k_frames, self.cfg.block_size * first.m, self.cfg.max_cache_frames, self.dtype
-        )
-        past = None
-        if cached:
-            past = [
-                (torch.stack([c.keys[i] for c in caches]), torch.stack([c.values[i] for c in caches]))
-                for i in range(self.cfg.num_layers)
+    def _encode_group(self, caches: list[SpeechCache], samples: list[Tensor]) -> tuple[Tensor, _GroupUpdate]:
+        """Encode (eagerly) streams of one pool whose m, tail length and chunk length match.
+
+        Returns embeddings [S, 12*k, llm_hidden] and the group's new state, to apply once the whole call is encoded.
+        """
+        first, pool, window = caches[0], caches[0].pool, caches[0].pool.window
+        length = math.ceil(samples[0].numel() / SAMPLES_PER_UNIT) * SAMPLES_PER_UNIT
+        num_new = length // self.hop  # 48*k
+        audio = torch.stack(
+            [
+                self._pad(x, length, prefix=True)
+                if c.audio_tail is None
+                else torch.cat((c.audio_tail, self._pad(x, length, prefix=False)))
+                for c, x in zip(caches, samples)
             ]
-        x, present = self.speech_encoder.encoder(x, past, bias)
-        embeds = self.proj(self.length_shrink(x))
+        )  # [S, tail + new]
 
-        # Keep the last max_cache_frames frames per layer and the CNN tail of prefix + 320*48*m samples; clone so
-        # no cache pins the batch's storage.
-        keep = self.cfg.max_cache_frames
-        tail_len = self.prefix_samples + self.hop * self.cfg.block_size * first.m
-        updates = [
-            _CacheUpdate(
-                audio_tail=audio[s, -tail_len:].clone(),
-                frames_encoded=start + num_new,
-                keys=[k[s, :, -keep:].clone() for k, _ in present],
-                values=[v[s, :, -keep:].clone() for _, v in present],
-            )
-            for s in range(len(caches))
-        ]
-        return embeds, updates
+        starts = [c.frames_encoded for c in caches]
+        idx = torch.tensor([[c.slot for c in caches], starts], device=self.device)  # [2, S]: one small copy
+        cached = 0 if first.audio_tail is None else window
+        read_rows, bias, write_rows = self._window_inputs(pool, idx[0], idx[1], num_new, first.m, cached)
+        positions = None  # compact: queries from C, keys from 0 (C = W, or 0 for first chunks)
+        if cached and min(starts) < window:
+            # Streams younger than the window keep their compact positions, each its own: its oldest frame at 0,
+            # the unwritten rows before it at negative positions (masked), its queries from its C. The same
+            # position values as when it was encoded without the padding, so the same rotations.
+            held = idx[1].clamp(max=window)[:, None]  # [S, 1] frames cached
+            positions = (held, held - window)
+        embeds, present = self._encode_window(audio, num_new, pool, read_rows, bias, positions)
+
+        # The chunk's last max_cache_frames frames (at most) go to the ring, over the oldest ones, and the CNN tail of
+        # prefix + 320*48*m samples is kept; cloned so that no cache pins the batch's audio.
+        keep = write_rows.shape[1]
+        tail_len = self.tail_samples(first.m)
+        update = _GroupUpdate(
+            caches=caches,
+            audio_tails=[audio[s, -tail_len:].clone() for s in range(len(caches))],
+            num_new=num_new,
+            rows=write_rows,
+            present=[(k[:, -keep:], v[:, -keep:]) for k, v in present],
+            clear=None if cached else idx[0],
+        )
+        return embeds, update

@@ -8,6 +8,7 @@ import torch
 
 from infinisst_backend.config import SAMPLES_PER_UNIT, DecodingConfig
 from infinisst_backend.errors import CapacityError, InvalidArgument, UnknownStream
+from infinisst_backend.kv_cache import OutOfPages
 from infinisst_backend.scheduler import DECODE, PREFILL, worst_case_pages
 
 from .support import build_tiny_model, collect, make_engine, random_audio, run_alone, split_randomly
@@ -61,13 +62,19 @@ def test_scheduling_invariance(bundle, decodings):
         streams[f"s{i}"] = (split_randomly(rng, audio), LANGUAGES[i % len(LANGUAGES)], m, decoding)
         audios[f"s{i}"] = audio
     engine = make_engine(bundle, max_batch_size=6, max_llm_cache_tokens=100)
-    evictions = []
-    compact = engine.runner.compact
-    engine.runner.compact = lambda seq, keep, cut: (evictions.append(cut), compact(seq, keep, cut))
+    evictions, batches = [], []  # evicted cuts; streams evicted together at each step's end
+    compact_many = engine.runner.compact_many
+    engine.runner.compact_many = lambda items: (
+        evictions.extend(cut for _, _, cut in items),
+        batches.append(len(items)),
+        compact_many(items),
+    )
     _interleaved_run(engine, streams, rng)
     assert max(r.num_rows for r in engine.step_records) > 1, "the run never batched"
     assert sum(len(collect(engine.events, sid)["turns"]) for sid in streams) > 30
     assert len(evictions) >= 3, "the LLM window never slid"
+    if decodings == (GREEDY,):  # (the beam run evicts only a few times)
+        assert max(batches) > 1, "no step evicted several streams together"
     for sid, (pieces, language, m, decoding) in streams.items():
         got = collect(engine.events, sid)
         alone = run_alone(bundle, audios[sid], language, m, decoding, max_llm_cache_tokens=100)
@@ -170,8 +177,8 @@ def test_ten_minute_stream_has_bounded_memory():
     engine.open_stream("long", "German", 4, GREEDY)
     rng = np.random.default_rng(3)
     peak, evictions = 0, []
-    compact = engine.runner.compact
-    engine.runner.compact = lambda seq, keep, cut: (evictions.append(cut - keep), compact(seq, keep, cut))
+    compact_many = engine.runner.compact_many
+    engine.runner.compact_many = lambda items: (evictions.extend(c - k for _, k, c in items), compact_many(items))
     for _ in range(600 // 30):
         for _ in range(8):  # 30 s of audio in pieces, translated as it comes
             engine.add_audio("long", random_audio(rng, 30.0 / 8))
@@ -187,6 +194,36 @@ def test_ten_minute_stream_has_bounded_memory():
     engine.add_audio("long", np.zeros(0, np.float32), end=True)
     engine.run_until_idle()
     assert collect(engine.events, "long")["finished"] == "end"
+    assert engine.runner.pool.num_free == engine.runner.pool.num_pages
+
+
+def test_a_failed_eviction_fails_only_its_stream(bundle):
+    """Evictions run batched at the end of a step; one that fails (out of pages) fails its stream only."""
+    rng = np.random.default_rng(21)
+    audio = {sid: random_audio(rng, 6.0) for sid in ("a", "b", "bad")}
+    engine = make_engine(bundle, max_llm_cache_tokens=60)
+    failed = []  # sizes of the batches that held the bad stream's cache
+    compact_many = engine.runner.compact_many
+
+    def failing_compact_many(items):
+        bad = engine._streams.get("bad")
+        if bad is not None and any(seq is bad.kv for seq, _, _ in items):
+            failed.append(len(items))
+            raise OutOfPages("injected: no page for copy-on-write")
+        compact_many(items)
+
+    engine.runner.compact_many = failing_compact_many
+    for sid in audio:
+        engine.open_stream(sid, "German", 1, GREEDY)
+        engine.add_audio(sid, audio[sid], tag=0, end=True)
+    engine.run_until_idle()
+    assert failed[0] > 1 and failed[1:] == [1]  # batched with others, then retried alone
+    bad = collect(engine.events, "bad")
+    assert bad["finished"] == "error" and [code for _, code, _ in bad["errors"]] == ["UNAVAILABLE"]
+    for sid in ("a", "b"):
+        got = collect(engine.events, sid)
+        assert got["finished"] == "end" and got["errors"] == []
+        assert got["turns"] == run_alone(bundle, audio[sid], "German", 1, GREEDY, max_llm_cache_tokens=60)["turns"]
     assert engine.runner.pool.num_free == engine.runner.pool.num_pages
 
 
@@ -286,3 +323,34 @@ def test_fault_in_one_stream_fails_only_that_stream(bundle):
     assert ok["finished"] == "end" and ok["errors"] == []
     assert ok["turns"] == run_alone(bundle, audio["ok"], "German", 1, GREEDY)["turns"]
     assert engine.runner.pool.num_free == engine.runner.pool.num_pages
+
+
+def test_prefill_waits_for_a_fuller_batch_while_decodes_run(bundle):
+    """A ready prefill is due when full or when its oldest chunk has waited batch_timeout_s; decodes run until."""
+    rng = np.random.default_rng(11)
+    engine = make_engine(bundle, batch_timeout_s=10.0, max_batch_size=3)
+    hint = engine._system_len_hint
+    for i in range(4):
+        engine.open_stream(i, "German", 1, GREEDY)
+    engine.add_audio(0, random_audio(rng, 0.96))
+    engine._apply_inbox()
+    streams = lambda: list(engine._streams.values())  # noqa: E731
+    arrival = engine._streams[0].chunks[0].arrival
+    assert engine.scheduler.schedule(streams(), hint, arrival + 1.0) is None  # idle and not due: wait
+    assert 0 < engine.scheduler.wait_hint(streams(), arrival + 1.0) <= 9.0
+    step = engine.scheduler.schedule(streams(), hint, arrival + 10.0)
+    assert step.phase == PREFILL and [s.id for s in step.streams] == [0]
+    engine._run_prefill(step.streams)
+    if engine._streams[0].turn is None:
+        pytest.skip("the turn ended at its first token; nothing to decode")
+    for i in (1, 2):
+        engine.add_audio(i, random_audio(rng, 0.96))
+    engine._apply_inbox()
+    later = engine._streams[1].chunks[0].arrival + 0.5
+    step = engine.scheduler.schedule(streams(), hint, later)  # not due, not full: decode
+    assert step.phase == DECODE and [s.id for s in step.streams] == [0]
+    engine.add_audio(3, random_audio(rng, 0.96))
+    engine._apply_inbox()
+    step = engine.scheduler.schedule(streams(), hint, later)  # full (max_batch_size 3): at once
+    assert step.phase == PREFILL and [s.id for s in step.streams] == [1, 2, 3]
+    engine.run_until_idle()

@@ -220,3 +220,147 @@ def test_engine_flashinfer_greedy_and_beam_no_leak():
     assert len(turns) == 6 + 3 + 6  # m=1: 6 chunks, m=2: 3 chunks
     pool = engine.runner.pool
     assert pool.num_free == pool.num_pages, "every page must be back in the pool"
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 11])
+def test_cuda_graphs_match_eager(batch):
+    """Graph replays of prefills (equal prompt lengths) and decodes, padded up to a bucket (11 > max_batch_size
+    runs eagerly), == the eager FlashInfer path; scratch pages sit outside the pool; nothing leaks."""
+    from infinisst_backend.model_runner import ModelRunner
+
+    model, _ = _tiny_model()
+    eager = ModelRunner(model, _cfg(cuda_graphs=False, max_batch_size=8), 512)
+    graphs = ModelRunner(model, _cfg(max_batch_size=8), 512)
+    assert eager.graphs is None and graphs.graphs.decode_buckets == [1, 2, 4, 8]
+    assert graphs.graphs.scratch_pages == [512, 513, 514] and graphs.kv.data.shape[1] == 515  # 34 tokens (m=2)
+    rng = np.random.default_rng(batch)
+    seqs = [(eager.new_sequence(), graphs.new_sequence()) for _ in range(batch)]
+    for turn in range(3):
+        speech = torch.randn(batch, 12, 256, device="cuda", dtype=torch.bfloat16)
+        if turn == 0:  # different prompt lengths: eager in both; page boundaries vary per sequence
+            parts = [([1] * int(rng.integers(1, 40)), speech[i], [2, 9]) for i in range(batch)]
+        else:  # equal lengths (a steady-state turn): a prefill graph replay
+            parts = [([1, 7, 8, 3, 4], speech[i], [2, 9, 1, 10, 5]) for i in range(batch)]
+        le = eager.prefill([s[0] for s in seqs], parts)
+        lg = graphs.prefill([s[1] for s in seqs], parts)
+        assert lg.shape == le.shape == (batch, 512) and lg.dtype == torch.float32
+        assert _rel(lg, le) < 1e-2
+        for _ in range(6):
+            tokens = le.argmax(-1).tolist()
+            le = eager.decode([s[0] for s in seqs], tokens)
+            lg = graphs.decode([s[1] for s in seqs], tokens)
+            assert lg.shape == le.shape == (batch, 512)
+            assert _rel(lg, le) < 1e-2
+    replayed = graphs.graphs.replays
+    assert replayed.get(22, 0) == (2 if batch <= 8 else 0), "the steady-state prefills replay (11 > max: eager)"
+    assert replayed.get(1, 0) == (18 if batch <= 8 else 0)
+    assert (lg.argmax(-1) == le.argmax(-1)).float().mean() >= 0.75
+    pages = torch.tensor([p for _, s in seqs for p in s.pages], device="cuda")
+    assert _rel(graphs.kv.data[:, pages], eager.kv.data[:, pages]) < 1e-2
+    for se, sg in seqs:
+        assert se.num_tokens == sg.num_tokens and se.pages == sg.pages
+        se.release()
+        sg.release()
+    assert graphs.pool.num_free == graphs.pool.num_pages
+
+
+# ------------------------------------------------------------------ speech encoder CUDA graphs
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16)  # bf16 storage: equality bit for bit, NaN patterns of unwritten rows included
+
+
+def test_encoder_cuda_graphs_match_eager():
+    """Steady-state speech encoder calls replayed from CUDA graphs == the eager path in bf16: batches of 3 and 11
+    streams padded up to buckets 4 and 16, two m (two replays) in one call, a stream out of block phase, host samples
+    as the engine passes them. The real slots' pool rows match; no other slot (an idle stream's, free ones) changes."""
+    from infinisst_backend.encoder_graphs import EncoderGraphs
+    from infinisst_backend.speech_encoder import SpeechFrontend
+
+    cfg = SpeechEncoderConfig(
+        conv_layers=[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2,
+        embed_dim=128,
+        num_layers=3,
+        num_heads=2,  # head_dim 64
+        ffn_dim=256,
+        max_cache_frames=96,
+    )
+    torch.manual_seed(0)
+    frontend = SpeechFrontend(cfg, 256).to("cuda", torch.bfloat16).eval()
+    eager_pool, graph_pool = frontend.new_pool(16), frontend.new_pool(16)
+    graphs = EncoderGraphs(frontend, graph_pool, max_batch=16, multipliers=[1, 2])
+    assert graphs.buckets == [1, 2, 4, 8, 16] and graphs.multipliers == [1, 2]
+
+    ms = [1] * 11 + [2, 2, 1]  # stream 13: idle during the checked calls
+    eager = [frontend.new_cache(m, eager_pool) for m in ms]
+    graph = [frontend.new_cache(m, graph_pool) for m in ms]
+    assert [c.slot for c in eager] == [c.slot for c in graph]
+    gen = torch.Generator().manual_seed(0)
+
+    def chunk(m: int, n: int | None = None) -> torch.Tensor:
+        return 0.1 * torch.randn(n or SAMPLES_PER_UNIT * m, generator=gen)  # float32 on the host
+
+    # History, eagerly (m=1: 144 frames > the 96-frame window; m=2: 240 or 288), then the same state in both pools.
+    # Stream 12 (m=2) gets a one-unit second chunk: 48 frames out of block phase afterwards.
+    for k in range(3):
+        frontend.encode_chunks(
+            eager, [chunk(m, SAMPLES_PER_UNIT if (i, k) == (12, 1) else None) for i, m in enumerate(ms)]
+        )
+    graph_pool.data.copy_(eager_pool.data)
+    for e, g in zip(eager, graph):
+        g.audio_tail, g.frames_encoded = e.audio_tail.clone(), e.frames_encoded
+    assert eager[12].frames_encoded % 96 == 48 and all(c.frames_encoded >= 96 for c in eager)
+
+    window = cfg.max_cache_frames
+
+    def step(members: list[int]) -> int:
+        xs = [chunk(ms[i]) for i in members]
+        before = graph_pool.data.clone()
+        replays = graphs.replays
+        got = frontend.encode_chunks([graph[i] for i in members], xs, graphs=graphs)
+        want = frontend.encode_chunks([eager[i] for i in members], xs)
+        for i, g, w in zip(members, got, want):
+            assert g.shape == w.shape == (12 * ms[i], 256) and torch.isfinite(g).all()
+            assert _rel(g, w) < 2e-2, i
+            assert graph[i].frames_encoded == eager[i].frames_encoded
+            assert torch.equal(graph[i].audio_tail, eager[i].audio_tail)
+            rows = slice(graph[i].slot * window, (graph[i].slot + 1) * window)
+            assert _rel(graph_pool.data[:, :, rows], eager_pool.data[:, :, rows]) < 2e-2, i
+        touched = {graph[i].slot for i in members}
+        for slot in set(range(graph_pool.num_slots)) - touched:
+            rows = slice(slot * window, (slot + 1) * window)
+            assert torch.equal(_bits(graph_pool.data[:, :, rows]), _bits(before[:, :, rows])), f"slot {slot} changed"
+        return graphs.replays - replays
+
+    assert step([0, 4, 7]) == 1  # bucket 4
+    assert step(list(range(13))) == 2  # m=1: 11 streams in bucket 16; m=2: 2 streams (one out of phase)
+    assert step([12, 3, 11]) == 2  # m=2: bucket 2; m=1: bucket 1
+    torch.cuda.synchronize()
+
+
+def test_runner_encodes_speech_through_graphs():
+    """ModelRunner captures the encoder graphs on CUDA and encode_speech (numpy chunks) replays them once streams are
+    past the window; the embeddings match the eager path."""
+    from infinisst_backend.model_runner import ModelRunner
+
+    model, _ = _tiny_model()
+    runner = ModelRunner(model, _cfg(attention_backend="torch", max_batch_size=4, max_streams=8), 64)
+    graphs = runner.speech_graphs
+    assert graphs is not None and graphs.buckets == [1, 2, 4] and graphs.multipliers == [1, 2]  # window 96
+    frontend = model.speech
+    twins_pool = frontend.new_pool(8)
+    ms = [1, 1, 2]
+    caches = [frontend.new_cache(m, runner.speech_pool) for m in ms]
+    twins = [frontend.new_cache(m, twins_pool) for m in ms]
+    rng = np.random.default_rng(0)
+    replays = []
+    for _ in range(4):
+        samples = [(0.1 * rng.standard_normal(SAMPLES_PER_UNIT * m)).astype(np.float32) for m in ms]
+        count = graphs.replays
+        got = runner.encode_speech(caches, samples)
+        replays.append(graphs.replays - count)
+        want = frontend.encode_chunks(twins, [torch.from_numpy(s) for s in samples])
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and _rel(g, w) < 2e-2
+    assert replays == [0, 2, 2, 2]  # first chunks eager; every later full chunk replays (one graph per m)

@@ -304,3 +304,159 @@ def test_rerotate_by_a_delta_equals_rotation_at_the_new_position():
     moved32 = rerotate(apply_rotary(x, *rope.cos_sin(positions, torch.float64)).float(), -37, inv_freq(cfg))
     assert moved32.dtype == torch.float32
     assert torch.allclose(moved32.double(), apply_rotary(x, cos, sin), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- compact_many
+
+
+def _reference_rerotate(x: torch.Tensor, delta: int, freq: torch.Tensor) -> torch.Tensor:
+    """Re-rotation as first written (one delta, angles in float64, computed in float32 or float64)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    angle = delta * freq.to(torch.float64)
+    cos = angle.cos().to(device=x.device, dtype=compute)
+    sin = angle.sin().to(device=x.device, dtype=compute)
+    x1, x2 = x.to(compute).chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def _reference_compact(kv: PagedKVCache, seq: SequenceKV, keep: int, cut: int, freq: torch.Tensor) -> None:
+    """The per-sequence compaction as first written (per-token slot lists, one re-rotation): the oracle."""
+    n, ps = seq.num_tokens, kv.page_size
+    if cut == keep:
+        return
+    new_len = n - (cut - keep)
+    num_pages = -(-new_len // ps)
+    dropped = seq.pages[num_pages:]
+    shared = [i for i in range(keep // ps, num_pages) if kv.pool.refcount(seq.pages[i]) > 1]
+    if len(shared) > kv.pool.num_free + sum(kv.pool.refcount(p) == 1 for p in dropped):
+        raise OutOfPages("reference: out of pages")
+    src = torch.tensor(seq.slots(cut, n), dtype=torch.long, device=kv.data.device)
+    moved = kv.data[:, src // ps, :, src % ps]
+    moved[:, :, 0] = _reference_rerotate(moved[:, :, 0], keep - cut, freq)
+    kv.pool.decref(dropped)
+    del seq.pages[num_pages:]
+    seq.num_tokens = new_len
+    kv.copy_pages([seq._copy_on_write(i) for i in shared])
+    dst = torch.tensor(seq.slots(keep, new_len), dtype=torch.long, device=kv.data.device)
+    kv.data[:, dst // ps, :, dst % ps] = moved
+
+
+def _scenario(dtype: torch.dtype, seed: int, num_pages: int = 400, head_dim: int = 8):
+    """Random sequences, forks of them (sharing pages, some extended past the fork) and compactions of a
+    random subset (each sequence once; cut == keep, keep == 0 and cut == num_tokens included).
+
+    Deterministic in ``seed``: two calls build identical caches. Returns (kv, items, sequences).
+    """
+    rng = random.Random(seed)
+    kv = PagedKVCache(3, num_pages, PAGE, 2, head_dim, dtype=dtype)
+    kv.data.copy_(torch.randn(kv.data.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    seqs = []
+    for _ in range(8):
+        seq = kv.new_sequence()
+        kv.copy_pages(seq.reserve(rng.randint(1, 60)))
+        seqs.append(seq)
+    for _ in range(6):
+        child = rng.choice(seqs).fork()
+        if rng.random() < 0.5:
+            kv.copy_pages(child.reserve(rng.randint(1, 9)))  # a partial shared last page is copied
+        seqs.append(child)
+    items = []
+    for seq in rng.sample(seqs, 10):
+        n = seq.num_tokens
+        keep = rng.choice([0, rng.randint(0, n)])
+        cut = rng.choice([keep, n, rng.randint(keep, n), rng.randint(keep, n)])
+        items.append((seq, keep, cut))
+    return kv, items, seqs
+
+
+def _state(kv: PagedKVCache, seqs: list[SequenceKV]):
+    return [(list(s.pages), s.num_tokens) for s in seqs], list(kv.pool._free), list(kv.pool._refcounts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(6))
+def test_compact_many_equals_compacting_one_by_one(dtype, seed):
+    """Bit for bit: the whole data tensor, every page table, the free list and the reference counts."""
+    freq = inv_freq(LLMConfig(head_dim=8, rope_theta=10_000.0, rope_scaling=dict(LLAMA3)))
+    ref, ref_items, ref_seqs = _scenario(dtype, seed)
+    for seq, keep, cut in ref_items:
+        _reference_compact(ref, seq, keep, cut, freq)
+    copied = sum(ref.pool.refcount(p) for p in range(ref.pool.num_pages))
+    for group_tokens in (10**6, 7, 1):  # one gather/scatter, several, one per sequence
+        kv, items, seqs = _scenario(dtype, seed)
+        kv.compact_group_bytes = group_tokens * kv._token_bytes()
+        kv.compact_many(items, freq)
+        assert torch.equal(kv.data, ref.data), group_tokens
+        assert _state(kv, seqs) == _state(ref, ref_seqs)
+    # The single-sequence API is the same code.
+    kv, items, seqs = _scenario(dtype, seed)
+    for item in items:
+        kv.compact(*item, freq)
+    assert torch.equal(kv.data, ref.data) and _state(kv, seqs) == _state(ref, ref_seqs)
+    assert copied == sum(len(s.pages) for s in ref_seqs)  # every reference belongs to a live sequence
+
+
+def test_compact_many_copies_shared_pages_of_forks_compacted_together():
+    """A parent and its fork in one call: the first copies the shared pages, the second then writes in place."""
+    freq = inv_freq(LLMConfig(head_dim=8, rope_theta=10_000.0))
+    ref = PagedKVCache(1, 12, PAGE, 1, 8, dtype=torch.float64)
+    kv = PagedKVCache(1, 12, PAGE, 1, 8, dtype=torch.float64)
+    for cache in (ref, kv):
+        cache.data.normal_(generator=torch.Generator().manual_seed(3))
+    states = []
+    for cache, batched in ((ref, False), (kv, True)):
+        parent = cache.new_sequence()
+        cache.copy_pages(parent.reserve(14))
+        child = parent.fork()
+        items = [(child, 2, 9), (parent, 1, 5)]
+        if batched:
+            cache.compact_many(items, freq)
+        else:
+            for item in items:
+                _reference_compact(cache, *item, freq)
+        assert child.pages[0] != parent.pages[0]  # the child copied page 0; the parent then owned it alone
+        states.append(_state(cache, [parent, child]))
+    assert states[0] == states[1] and torch.equal(kv.data, ref.data)
+
+
+def test_compact_many_out_of_pages_changes_nothing():
+    freq = inv_freq(LLMConfig(head_dim=8, rope_theta=10_000.0))
+    kv = PagedKVCache(2, 10, PAGE, 2, 8, dtype=torch.float64)
+    kv.data.normal_(generator=torch.Generator().manual_seed(0))
+    a, b, c = kv.new_sequence(), kv.new_sequence(), kv.new_sequence()
+    for seq, n in ((a, 14), (b, 8), (c, 6)):
+        kv.copy_pages(seq.reserve(n))
+    forks = [b.fork(), c.fork()]
+    kv.pool.allocate(kv.pool.num_free - 1)  # one page left
+    before = (kv.data.clone(), _state(kv, [a, b, c, *forks]))
+    # a alone fits (no copies); b then needs 2 copies with one free page: nothing may change, a included.
+    with pytest.raises(OutOfPages):
+        kv.compact_many([(a, 2, 3), (b, 1, 3)], freq)
+    # Each of c and b fits alone (one copy each) but not both together.
+    with pytest.raises(OutOfPages):
+        kv.compact_many([(c, 5, 6), (b, 5, 7)], freq)
+    # Bad arguments are refused before anything changes too.
+    with pytest.raises(ValueError, match="more than once"):
+        kv.compact_many([(a, 2, 10), (a, 0, 1)], freq)
+    with pytest.raises(ValueError, match="keep <= cut"):
+        kv.compact_many([(a, 2, 10), (c, 3, 2)], freq)
+    assert torch.equal(kv.data, before[0]) and _state(kv, [a, b, c, *forks]) == before[1]
+    # Pages a drops (it alone holds them) pay for b's copy within the same call, as compacting in turn would.
+    kv.compact_many([(a, 0, 12), (b, 5, 7)], freq)
+    assert a.num_tokens == 2 and len(b.pages) == 2 and b.pages[1] != forks[0].pages[1] and kv.pool.num_free == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rerotate_tokens_equals_rerotate_per_delta(dtype):
+    """A delta per token gives bit for bit what rerotate (and its original form) gives for each delta."""
+    from infinisst_backend.rope import rerotate_tokens, rerotation_compute_dtype, rerotation_cos_sin
+
+    for head_dim in (8, 128):
+        freq = inv_freq(LLMConfig(head_dim=head_dim, rope_theta=500_000.0, rope_scaling=dict(LLAMA3)))
+        deltas = [-1, -37, -250, -999, -4, -1000, -37]
+        x = torch.randn(len(deltas), 3, 2, head_dim, generator=torch.Generator().manual_seed(5)).to(dtype)
+        table = torch.stack([rerotation_cos_sin(d, freq) for d in deltas]).to(rerotation_compute_dtype(dtype))
+        batched = rerotate_tokens(x, table)
+        for i, delta in enumerate(deltas):
+            assert torch.equal(batched[i], rerotate(x[i], delta, freq))
+            assert torch.equal(batched[i], _reference_rerotate(x[i], delta, freq))

@@ -257,9 +257,12 @@ def _greedy(llm: LLM, logits: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- LLM vs HF
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_turns_with_compaction_match_hf(name):
+def test_turns_with_compaction_match_hf(name, fused):
     llm, hf = _make_pair(CONFIGS[name])
+    if fused:  # what the GPU runner does: q/k/v and gate/up as one GEMM each
+        llm.fuse_projections()
     runner = _Runner(llm, hf)
     gen = torch.Generator().manual_seed(1)
     streams = [runner.new_stream() for _ in range(3)]
@@ -418,3 +421,45 @@ def test_smollm2_real_weights_match_hf(smollm):
         token = step(token)
     stream.seq.release()
     runner.kv.pool.assert_all_free()
+
+
+def test_pad_vocab_keeps_logits():
+    """Padding the LM head rows (GPU GEMM tiling) changes neither the logits' values nor their shape."""
+    torch.manual_seed(0)
+    llm = LLM(dataclasses.replace(CONFIGS["llama3"], vocab_size=300)).double()
+    hidden = torch.randn(5, llm.cfg.hidden_size, dtype=torch.float64)
+    before = llm.logits(hidden)
+    llm.pad_vocab(128)
+    assert llm.head_weight.shape[0] == 384 and not llm.head_weight[300:].any()
+    after = llm.logits(hidden)
+    assert after.shape == (5, 300)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    tied = LLM(dataclasses.replace(CONFIGS["qwen2"], vocab_size=300))
+    tied.pad_vocab(128)  # tied embeddings: left alone
+    assert tied.head_weight.shape[0] == 300
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_fused_projections_keep_outputs_and_state_dict(name):
+    """q/k/v and gate/up fused into one GEMM each: same outputs, same state_dict names and values, no copy."""
+    torch.manual_seed(0)
+    llm = LLM(CONFIGS[name]).double()
+    before = {k: v.clone() for k, v in llm.state_dict().items()}
+    x = torch.randn(7, llm.cfg.hidden_size, dtype=torch.float64)
+    layer = llm.model.layers[0]
+    ref_mlp = layer.mlp(x)
+    ref_q = layer.self_attn.q_proj(x)
+    llm.fuse_projections()
+    llm.fuse_projections()  # idempotent
+    assert layer.self_attn.qkv is not None and layer.mlp.gate_up is not None
+    torch.testing.assert_close(layer.mlp(x), ref_mlp, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.self_attn.qkv(x)[0], ref_q, rtol=1e-12, atol=1e-12)
+    after = llm.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0)
+    # the module weights are views of the fused tensor: no second copy
+    assert (
+        layer.self_attn.k_proj.weight.data_ptr()
+        == layer.self_attn.qkv.weight[layer.self_attn.qkv.sizes[0] :].data_ptr()
+    )

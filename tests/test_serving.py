@@ -242,12 +242,31 @@ def test_config_values_are_converted_and_defaults_kept(ckpt):
         ("test_fault_sequence_ids", "7@0", "'test_fault_sequence_ids'"),
         ("test_fault_sequence_ids", "@3", "'test_fault_sequence_ids'"),
         ("test_fault_sequence_ids", "7@x", "'test_fault_sequence_ids'"),
+        ("benchmark_forced_turn_seed", "-1", "'benchmark_forced_turn_seed'"),
+        ("benchmark_forced_turn_seed", "seed", "'benchmark_forced_turn_seed'"),
+        ("cuda_graphs", "maybe", "'cuda_graphs'"),
     ],
 )
 def test_config_errors_name_the_parameter(ckpt, key, value, named):
     with pytest.raises(serving.ConfigError) as info:
         serving.serving_config_from_parameters({"checkpoint": str(ckpt), key: value}, "cpu", ckpt)
     assert named in str(info.value)
+
+
+def test_forced_turn_seed_parameter(ckpt):
+    """Benchmark-only forced turn lengths: empty is off, else a seed; the same seed draws the same lengths."""
+    from infinisst_backend.forced_turns import TurnLengths
+
+    assert serving.parse_forced_turn_seed("") is None and serving.parse_forced_turn_seed(" 7 ") == 7
+    cfg = serving.serving_config_from_parameters(
+        {"checkpoint": str(ckpt), "benchmark_forced_turn_seed": "3"}, "cpu", ckpt
+    )
+    assert serving.parse_forced_turn_seed(cfg.benchmark_forced_turn_seed) == 3
+    a, b = TurnLengths(3), TurnLengths(3)
+    draws = [a.draw(1, 10) for _ in range(200)]
+    assert draws == [b.draw(1, 10) for _ in range(200)]
+    assert 1 <= min(draws) and max(draws) <= 10 and 4.0 < a.mean < 6.0
+    assert max(TurnLengths(0).draw(2, 3) for _ in range(50)) <= 3  # never beyond the stream's own cap
 
 
 def test_fault_injection_parameter_and_hook(ckpt):

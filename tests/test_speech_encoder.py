@@ -284,7 +284,7 @@ def test_bad_input_raises_and_leaves_cache_unchanged():
         with pytest.raises(ValueError):
             call()
         assert_same_state(cache, before)
-    assert other.audio_tail is None and other.frames_encoded == 0 and other.nbytes() == 0
+    assert other.audio_tail is None and other.frames_encoded == 0 and other.nbytes() == other.pool.slot_nbytes
     for bad_m in (0, -1, 1.5, True):
         with pytest.raises(ValueError):
             model.new_cache(bad_m)
@@ -341,6 +341,25 @@ def test_rope_variants():
     # Dim i pairs with dim i + D/2.
     torch.testing.assert_close(half[..., :4], x[..., :4] * cos - x[..., 4:] * sin, rtol=0, atol=1e-12)
     torch.testing.assert_close(half[..., 4:], x[..., 4:] * cos + x[..., :4] * sin, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("rotary", [InterleavedRotary, HalfRotary])
+def test_rope_per_stream_offsets_keep_compact_positions(rotary, dtype):
+    """A batch with a padded window gives each stream [S, 1] offsets: queries from its C frames cached, keys from
+    C - W. The real keys and the queries then turn exactly as in the unpadded compact layout (int offsets C and 0), bit
+    for bit, bf16 included (the interleaved variant builds positions in the input dtype, which rounds above 256)."""
+    window, length = 576, 48
+    rot = rotary(64, 10_000.0).to(dtype)
+    held = [48, 96, 288, 528, 576]
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(len(held), 2, length, 64, generator=gen).to(dtype)
+    k = torch.randn(len(held), 2, window + length, 64, generator=gen).to(dtype)
+    offsets = torch.tensor(held)[:, None]
+    q_rot, k_rot = rot(q, offsets), rot(k, offsets - window)
+    for s, c in enumerate(held):
+        assert torch.equal(q_rot[s], rot(q[s], c))
+        assert torch.equal(k_rot[s, :, window - c :], rot(k[s, :, window - c :], 0))
 
 
 def test_state_dict_names():

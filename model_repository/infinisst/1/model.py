@@ -28,6 +28,7 @@ from infinisst_backend import serving
 from infinisst_backend.engine import Engine
 from infinisst_backend.errors import CapacityError, EngineError, InvalidArgument, UnknownStream
 from infinisst_backend.events import StreamFinished, TurnEnded
+from infinisst_backend.forced_turns import TurnLengths
 
 PROJECT_ROOT = Path(infinisst_backend.__file__).resolve().parents[1]
 _STOP = object()  # queue sentinel: finalize() has shut the engine down
@@ -78,6 +79,10 @@ class TritonPythonModel:
         if faults:
             self.engine.fault_hook = serving.FaultInjector(faults)
             self.log.log_warn(f"model {name!r}: TEST-ONLY fault injection for sequence ids {sorted(faults)}")
+        seed = serving.parse_forced_turn_seed(self.cfg.benchmark_forced_turn_seed)
+        if seed is not None:
+            self.engine.turn_length_hook = TurnLengths(seed).draw
+            self.log.log_warn(f"model {name!r}: BENCHMARK-ONLY forced turn lengths (seed {seed})")
         labels = {"model": name, "instance": args["model_instance_name"]}
         self.metrics = serving.Metrics(pb_utils, labels)
 

@@ -1,0 +1,246 @@
+"""Concurrent real-time streams through Triton on the GPU: the engine-level N* confirmed end to end.
+
+One command, on a machine with NVIDIA GPUs and tritonserver on PATH (``TRITON_BACKENDS`` naming the folder with
+the Python backend):
+
+1. writes a checkpoint with the paper's dimensions and random (dummy) bf16 weights (once; ``--checkpoint``);
+2. writes a GPU model repository with ``client.gen_gpu_repo`` (one KIND_GPU instance per GPU of ``--gpus``) with
+   the benchmark-only parameter ``benchmark_forced_turn_seed`` (dummy weights never end a turn by themselves);
+3. starts tritonserver, and for each N of ``--streams``: N real-time streams over gRPC (``client.api``), staggered
+   over the first chunk period, each sending one 0.96 s chunk per period for ``--seconds``; chunk latency is what
+   the client sees, from sending the chunk's request to that request's FINAL (which follows the chunk's turn);
+4. writes JSON and markdown: p50/p95/p99 per N, pass/fail by benchmarks.md's rule, and the engine-level N* of
+   ``docs/benchmarks/gpu_streams.json`` for comparison.
+
+    python benchmarks/gpu_triton.py --streams 120,140 --gpus 0 --out docs/benchmarks/gpu_triton
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from client.api import StreamingClient  # noqa: E402
+from client.gen_gpu_repo import write as write_repository  # noqa: E402
+
+P95_LIMIT_S, P99_LIMIT_S = 0.5, 1.0
+SAMPLES_PER_UNIT = 15_360
+STREAMS_PER_CONNECTION = 32
+
+
+def ensure_checkpoint(path: Path, layers: int) -> None:
+    """A checkpoint of the paper's dimensions with random bf16 weights (written once, ~16 GB at 32 layers)."""
+    if (path / "config.json").is_file():
+        return
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_streams import build_dummy_model, paper_model_config, synthetic_llama3_tokenizer
+
+    from infinisst_backend.checkpoint import save_checkpoint
+
+    t = time.perf_counter()
+    cfg = paper_model_config(layers)
+    model = build_dummy_model(cfg, "cuda", torch.bfloat16)
+    save_checkpoint(path, model, cfg, synthetic_llama3_tokenizer(), dtype="bfloat16")
+    del model
+    torch.cuda.empty_cache()
+    print(f"wrote dummy checkpoint {path} in {time.perf_counter() - t:.0f} s", flush=True)
+
+
+class Server:
+    def __init__(self, repository: Path, log: Path, ports: tuple[int, int, int] = (8000, 8001, 8002)):
+        self.http, self.grpc, self.metrics = ports
+        backends = os.environ.get("TRITON_BACKENDS")
+        cmd = ["tritonserver", f"--model-repository={repository}", "--exit-timeout-secs=30"]
+        cmd += [f"--http-port={self.http}", f"--grpc-port={self.grpc}", f"--metrics-port={self.metrics}"]
+        if backends:
+            cmd.append(f"--backend-directory={backends}")
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+        self.log = log
+        self.process = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+    def wait_ready(self, model: str, timeout: float = 600.0) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited:\n{self.log.read_text()[-4000:]}")
+            try:
+                url = f"http://127.0.0.1:{self.http}/v2/models/{model}/ready"
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return time.monotonic() - t0
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"model not ready within {timeout} s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def run_load(url: str, n: int, seconds: float, m: int, seed: int) -> dict:
+    """N staggered real-time streams; per-chunk latencies as the client sees them."""
+    period = 0.96 * m
+    num_chunks = max(1, round(seconds / period))
+    chunk = (0.1 * np.random.default_rng(seed).standard_normal(SAMPLES_PER_UNIT * m)).astype(np.float32)
+    clients = [StreamingClient(url) for _ in range(-(-n // STREAMS_PER_CONNECTION))]
+    streams = [clients[i // STREAMS_PER_CONNECTION].open_stream(language="de", latency_multiplier=m) for i in range(n)]
+    t0 = time.monotonic() + 0.5
+    # (due, stream, chunk): chunk k of stream i is spoken by t0 + i * period / n + (k + 1) * period.
+    due = [(t0 + i * period / n + (k + 1) * period, i, k) for i in range(n) for k in range(num_chunks)]
+    heapq.heapify(due)
+    late = []
+    while due:
+        when, i, k = heapq.heappop(due)
+        wait = when - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        late.append(time.monotonic() - when)
+        streams[i].send(chunk, end=k == num_chunks - 1)
+    results, failed = [], 0
+    deadline = time.monotonic() + 120
+    for s in streams:
+        try:
+            results.append(s.result(timeout=max(1.0, deadline - time.monotonic())))
+        except Exception as e:  # a stream that errs or never finishes fails the trial
+            failed += 1
+            print(f"  stream {s.sequence_id}: {type(e).__name__}: {e}", flush=True)
+    for c in clients:
+        c.close()
+    lat = np.array([x for r in results for x in r.chunk_latencies()])
+    errors = sum(len(r.errors) for r in results)
+    expected = n * num_chunks
+    out = {
+        "streams": n,
+        "m": m,
+        "chunks_expected": expected,
+        "chunks_done": int(lat.size),
+        "failed_streams": failed,
+        "errors": errors,
+        "send_lateness_p99_s": float(np.percentile(late, 99)),
+    }
+    if lat.size:
+        out.update({f"p{q}_s": float(np.percentile(lat, q)) for q in (50, 95, 99)}, max_s=float(lat.max()))
+    out["passes"] = bool(
+        lat.size == expected
+        and not failed
+        and not errors
+        and out["p95_s"] <= P95_LIMIT_S
+        and out["p99_s"] <= P99_LIMIT_S
+    )
+    return out
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        "# Concurrent real-time streams through Triton (GPU)",
+        "",
+        f"{report['gpu']} x {len(report['gpus'])}, tritonserver with the model on KIND_GPU (one instance per GPU), "
+        "paper dimensions, random bf16 weights, forced turn lengths (benchmark_forced_turn_seed), greedy "
+        f"m={report['m']}, {report['seconds']:.0f} s of audio per stream, load from `client.api` over gRPC.",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "Chunk latency as the client sees it: from sending a chunk's request to its FINAL. Pass: p95 <= 0.5 s, "
+        "p99 <= 1.0 s, every chunk answered, no error.",
+        "",
+        "| streams | p50 (s) | p95 (s) | p99 (s) | max (s) | chunks | errors | pass |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in report["trials"]:
+        lines.append(
+            f"| {t['streams']} | {t.get('p50_s', 0):.3f} | {t.get('p95_s', 0):.3f} | {t.get('p99_s', 0):.3f} | "
+            f"{t.get('max_s', 0):.3f} | {t['chunks_done']}/{t['chunks_expected']} | "
+            f"{t['errors'] + t['failed_streams']} | {'yes' if t['passes'] else 'no'} |"
+        )
+    lines += ["", f"Largest N that passed here: {report['n_star_triton']}."]
+    if report.get("engine_n_star"):
+        lines.append(
+            f"Engine-level N* (docs/benchmarks/gpu_streams.json, one GPU): {report['engine_n_star']}; "
+            f"through Triton / engine x GPUs: {report['ratio_to_engine']:.2f}."
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--streams", required=True, help="comma-separated N to try, in order")
+    p.add_argument("--gpus", default="0")
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--m", type=int, default=1)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--checkpoint", type=Path, default=Path("/tmp/infinisst_paper_dummy"))
+    p.add_argument("--repository", type=Path, default=ROOT / "build" / "gpu_triton_repository")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config.pbtxt values")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "gpu_triton")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    gpus = [int(g) for g in args.gpus.split(",")]
+    ensure_checkpoint(args.checkpoint, args.layers)
+    sizes = [int(n) for n in args.streams.split(",")]
+    overrides = {
+        "benchmark_forced_turn_seed": str(args.seed),
+        "max_streams": str(max(sizes) // len(gpus) + 16),
+        "default_latency_multiplier": str(args.m),
+    }
+    overrides.update(dict(item.split("=", 1) for item in args.set))
+    write_repository(args.repository, [("infinisst", args.checkpoint.resolve(), "German")], gpus, overrides)
+    server = Server(args.repository, args.out.parent / (args.out.name + "_tritonserver.log"))
+    trials = []
+    try:
+        print(f"model ready in {server.wait_ready('infinisst'):.0f} s", flush=True)
+        url = f"127.0.0.1:{server.grpc}"
+        run_load(url, min(8, sizes[0]), 5.0, args.m, args.seed)  # warm-up (first prefill/decode shapes)
+        for n in sizes:
+            t = run_load(url, n, args.seconds, args.m, args.seed + n)
+            trials.append(t)
+            print(
+                f"  N={n}: p50 {t.get('p50_s', 0):.3f} p95 {t.get('p95_s', 0):.3f} p99 {t.get('p99_s', 0):.3f} "
+                f"chunks {t['chunks_done']}/{t['chunks_expected']} errors {t['errors']} "
+                f"{'PASS' if t['passes'] else 'FAIL'}",
+                flush=True,
+            )
+    finally:
+        server.stop()
+    engine_json = ROOT / "docs" / "benchmarks" / "gpu_streams.json"
+    engine_n = None
+    if engine_json.is_file():
+        engine_n = json.loads(engine_json.read_text())["settings"].get(f"greedy_m{args.m}", {}).get("n_star")
+    passed = [t["streams"] for t in trials if t["passes"]]
+    import torch
+
+    report = {
+        "command": "python benchmarks/gpu_triton.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "gpu": torch.cuda.get_device_name(gpus[0]),
+        "gpus": gpus,
+        "m": args.m,
+        "seconds": args.seconds,
+        "trials": trials,
+        "n_star_triton": max(passed) if passed else None,
+        "engine_n_star": engine_n,
+        "ratio_to_engine": (max(passed) / (engine_n * len(gpus))) if passed and engine_n else None,
+    }
+    write_report(report, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Steady-state speech encoder calls replayed from CUDA graphs (GPU only).
+
+An encoder call (:meth:`SpeechFrontend.encode_chunks`) is bound by the host at serving batch sizes: for wav2vec 2.0
+Large, ~800 kernel launches (CNN, 24 layers with their cache gathers, adapter, projection) plus the Python around
+them, ~20 ms even for one stream. :class:`EncoderGraphs` captures a group's whole pass for every later chunk of a
+latency multiplier m (a full chunk of 15360*m samples after the stream's first one, so a full CNN tail, and a cache
+window of ``max_cache_frames`` rows, those before the stream's start masked) once per batch-size bucket, and replays
+it.
+
+How a replay is fed (one call = one bucket of one m):
+* each stream's slot and frames encoded, and the chunk's samples when they are on the host (as the engine's are), go
+  to static device buffers from one pinned host buffer with one non-blocking copy (two host buffers alternate, and
+  one is refilled only once its previous copy has left);
+* the CNN tails (device tensors) are stacked into a static buffer by one op;
+* the graph does everything else on the device: assembles the audio [S, tail + chunk], computes the rows of each
+  layer's window in the pool and the per-stream attention bias from the slots and frames encoded, runs the CNN, the
+  layers (gathering each window from the pool), the adapter and the projection, and writes the embeddings, the
+  chunk's K/V [layers, 2, S, T, H, D] and the ring rows they belong at to static outputs;
+* rows past the real batch (the bucket is padded up) repeat the first stream's slot and position: they read valid
+  rows, and their outputs are dropped. The graph never writes the pool: the frontend's update step does, eagerly,
+  after every group of the call is encoded, for the real streams only (one ``index_copy_`` for all layers).
+
+RoPE uses each stream's compact positions, computed on the device from its frames encoded (queries from
+``min(P, max_cache_frames)``), exactly as the eager path gives them. Anything else (first chunks, partial chunks, an
+m without graphs) runs eagerly, as before; more streams than the largest bucket replay in pieces.
+
+The module imports on CPU; the engine only makes :class:`EncoderGraphs` for a CUDA device. ``capture=False`` runs
+the same static-buffer path without graphs (tests, on any device).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import MAX_LATENCY_MULTIPLIER, SAMPLES_PER_UNIT
+from .speech_encoder import (
+    SpeechCache,
+    SpeechCachePool,
+    SpeechFrontend,
+    _accumulate_dtype,
+    _check_multiplier,
+    _GroupUpdate,
+)
+
+logger = logging.getLogger(__name__)
+
+# The engine's largest bucket: a graph's memory pool keeps the peak activations of its largest capture (the CNN's
+# first layers dominate: ~100 MB per stream at m=4 for wav2vec 2.0 Large), and a larger group replays in pieces.
+MAX_GRAPH_BATCH = 32
+
+
+def encoder_buckets(max_batch: int) -> list[int]:
+    """Batch sizes that get a graph: 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, then every 64, and ``max_batch``."""
+    if max_batch < 1:
+        raise ValueError(f"invalid max_batch={max_batch!r}: expected >= 1")
+    sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, *range(192, max_batch + 64, 64)]
+    return sorted({s for s in sizes if s < max_batch} | {max_batch})
+
+
+@dataclass(slots=True)
+class _Shape:
+    """The static buffers of one m; a bucket of B streams uses their first B rows."""
+
+    m: int
+    chunk_len: int  # samples of a full chunk: 15360*m
+    tail_len: int  # samples of a full CNN tail: 399 + 15360*m
+    num_new: int  # frames per chunk: 48*m
+    chunks: Tensor  # [max, chunk_len] staged samples (device, staging dtype): a view of the device staging bytes
+    host_chunks: list[Tensor]  # the same view of each pinned host buffer
+    tails: Tensor  # [max, tail_len] the streams' CNN tails (model dtype)
+    audio: Tensor  # [max, tail_len + chunk_len] the CNN input, assembled inside the graph
+    embeds: Tensor  # [max, num_new / 2^adapter_layers, llm_hidden] output
+    write_rows: Tensor  # [max, num_new] output: the ring rows of the chunk's frames
+    kv: Tensor  # [layers, 2, max, num_new, H, D] output, a view of the K/V storage shared by every m
+
+
+class EncoderGraphs:
+    """CUDA graphs of :class:`SpeechFrontend`'s steady-state group pass over ``pool``, one per (m, batch bucket).
+
+    Pass it to :meth:`SpeechFrontend.encode_chunks` (``graphs=``): the streams that :meth:`fits` run through
+    :meth:`run`. Every graph is captured up front (largest first, sharing one memory pool), so serving never captures.
+    """
+
+    def __init__(
+        self,
+        frontend: SpeechFrontend,
+        pool: SpeechCachePool,
+        max_batch: int,
+        multipliers: list[int] | range | None = None,
+        capture: bool = True,
+    ):
+        """``multipliers``: the m that get graphs (default 1..MAX_LATENCY_MULTIPLIER); an m whose chunk has more
+        frames than the cache window (48*m > max_cache_frames) gets none. ``capture=False``: no CUDA graphs, every
+        run executes the captured pass eagerly from the same static buffers (tests)."""
+        if pool.growable:
+            raise ValueError("encoder graphs need a fixed SpeechCachePool: a growable one moves its storage")
+        if pool.cfg != frontend.cfg or pool.data.dtype != frontend.dtype or pool.data.device != frontend.device:
+            raise ValueError("the pool was made for another encoder config, dtype or device")
+        if pool.num_slots == 0:
+            raise ValueError("the pool has no slots")  # padding rows and captures read slot 0
+        if capture and frontend.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the frontend is on {frontend.device}")
+        cfg = frontend.cfg
+        multipliers = range(1, MAX_LATENCY_MULTIPLIER + 1) if multipliers is None else multipliers
+        for m in multipliers:
+            _check_multiplier(m)
+        self.frontend = frontend
+        self.pool = pool
+        self._data = pool.data
+        self.window = pool.window
+        self.buckets = encoder_buckets(max_batch)
+        self.multipliers = sorted({m for m in multipliers if cfg.block_size * m <= pool.window})
+        self.capture = capture
+        self.replays = 0  # runs so far (tests and stats)
+        device, dtype = frontend.device, frontend.dtype
+        biggest = self.buckets[-1]
+
+        # Staging, host and device alike: [slots, frames encoded] int64 [2, max], then the chunks' samples in the
+        # staging dtype (float32, or float64 for a float64 model: the graph rounds them to the model dtype, as the
+        # eager path does).
+        self._stage_dtype = _accumulate_dtype(dtype)
+        itemsize = torch.empty(0, dtype=self._stage_dtype).element_size()
+        self._idx_bytes = 2 * biggest * 8
+        max_chunk = SAMPLES_PER_UNIT * max(self.multipliers, default=0)
+        nbytes = self._idx_bytes + biggest * max_chunk * itemsize
+        pin = device.type == "cuda"
+        self._host = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]  # per host buffer, its last copy's event
+        self._turn = 0
+        self._dev = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self._idx = self._dev[: self._idx_bytes].view(torch.int64).view(2, biggest)
+
+        def chunk_view(buf: Tensor, chunk_len: int) -> Tensor:
+            end = self._idx_bytes + biggest * chunk_len * itemsize
+            return buf[self._idx_bytes : end].view(self._stage_dtype).view(biggest, chunk_len)
+
+        def kv_shape(num_new: int) -> tuple[int, ...]:
+            return (cfg.num_layers, 2, biggest, num_new, cfg.num_heads, cfg.head_dim)
+
+        # One K/V output for every m (a call's second replay first copies the previous one out: _GroupUpdate.own).
+        kv_numel = math.prod(kv_shape(cfg.block_size * max(self.multipliers, default=0)))
+        self._kv = torch.empty(kv_numel, dtype=dtype, device=device)
+        self._shapes: dict[int, _Shape] = {}
+        for m in self.multipliers:
+            chunk_len, tail_len, num_new = SAMPLES_PER_UNIT * m, frontend.tail_samples(m), cfg.block_size * m
+            self._shapes[m] = _Shape(
+                m=m,
+                chunk_len=chunk_len,
+                tail_len=tail_len,
+                num_new=num_new,
+                chunks=chunk_view(self._dev, chunk_len),
+                host_chunks=[chunk_view(h, chunk_len) for h in self._host],
+                tails=torch.zeros(biggest, tail_len, dtype=dtype, device=device),
+                audio=torch.zeros(biggest, tail_len + chunk_len, dtype=dtype, device=device),
+                embeds=torch.zeros(
+                    biggest, num_new >> cfg.adapter_layers, frontend.proj.out_features, dtype=dtype, device=device
+                ),
+                write_rows=torch.zeros(biggest, num_new, dtype=torch.long, device=device),
+                kv=self._kv[: math.prod(kv_shape(num_new))].view(kv_shape(num_new)),
+            )
+
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        if capture and self.multipliers:
+            with torch.inference_mode():
+                self._capture()
+            logger.info("captured speech encoder CUDA graphs for m %s, batch sizes %s", self.multipliers, self.buckets)
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def fits(self, cache: SpeechCache, samples: Tensor) -> bool:
+        """Whether the stream's next chunk (validated ``samples``) is a later full chunk that a graph can encode."""
+        shape = self._shapes.get(cache.m)
+        return (
+            shape is not None
+            and cache.pool is self.pool
+            and self.pool.data is self._data
+            and samples.numel() == shape.chunk_len
+            and cache.audio_tail is not None
+            and cache.audio_tail.numel() == shape.tail_len
+            and cache.frames_encoded > 0
+        )
+
+    def run(self, caches: list[SpeechCache], samples: list[Tensor]) -> tuple[Tensor, _GroupUpdate]:
+        """Encode streams that all :meth:`fit` with the same m, at most :attr:`max_batch`: (embeddings
+        [S, 12*m, llm_hidden], a copy; the group's update). The update reads the static outputs: apply it, or
+        ``own()`` it, before the next run. Nothing of the caches or the pool changes here."""
+        n = len(caches)
+        s = self._shapes[caches[0].m]
+        rows = self.buckets[bisect.bisect_left(self.buckets, n)]
+        turn, self._turn = self._turn, 1 - self._turn
+        host = self._host[turn]
+        copied = self._copied[turn]
+        if copied is not None:
+            copied.synchronize()  # that buffer's last copy has left: it may be refilled
+        idx = host[: self._idx_bytes].view(torch.int64).view(2, -1)
+        idx[:, :n] = torch.tensor([[c.slot for c in caches], [c.frames_encoded for c in caches]])
+        idx[:, n:rows] = idx[:, :1]  # padding rows: the first stream's slot and position (read, never written)
+        stage = self._stage_dtype
+        staged = [x if x.dtype == stage else x.to(self.frontend.dtype).to(stage) for x in samples]
+        on_host = all(x.device.type == "cpu" for x in staged)
+        nbytes = self._idx_bytes
+        if on_host:
+            torch.stack(staged, out=s.host_chunks[turn][:n])
+            nbytes += n * s.chunk_len * s.host_chunks[turn].element_size()
+        self._dev[:nbytes].copy_(host[:nbytes], non_blocking=True)
+        if self._dev.is_cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self._dev.device))
+            self._copied[turn] = event
+        if not on_host:
+            s.chunks[:n].copy_(torch.stack([x.to(self._dev.device) for x in staged]))
+        torch.stack([c.audio_tail for c in caches], out=s.tails[:n])
+
+        if self.capture:
+            self._graphs[(s.m, rows)].replay()
+        else:
+            self._forward(s.m, rows)
+        self.replays += 1
+
+        tails = s.audio[:n, -s.tail_len :].clone()  # the new CNN tails, one block for the group
+        update = _GroupUpdate(
+            caches=list(caches),
+            audio_tails=list(tails.unbind(0)),
+            num_new=s.num_new,
+            rows=s.write_rows[:n],
+            present=s.kv[:, :, :n],
+        )
+        return s.embeds[:n].clone(), update
+
+    # -- internals -------------------------------------------------------------------------------------------------
+
+    def _forward(self, m: int, rows: int) -> None:
+        """The captured work: the pass of ``rows`` streams from the static inputs into the static outputs."""
+        s = self._shapes[m]
+        slots, starts = self._idx[0, :rows], self._idx[1, :rows]
+        audio = s.audio[:rows]
+        audio[:, : s.tail_len].copy_(s.tails[:rows])
+        audio[:, s.tail_len :].copy_(s.chunks[:rows])  # rounded to the model dtype, as the eager path does
+        frontend = self.frontend
+        read_rows, bias, write_rows = frontend._window_inputs(self.pool, slots, starts, s.num_new, m, self.window)
+        # Per-stream compact positions (as _encode_group gives streams younger than the window; (W, 0) for the others)
+        held = starts.clamp(max=self.window)[:, None]
+        embeds, present = frontend._encode_window(
+            audio, s.num_new, self.pool, read_rows, bias, (held, held - self.window)
+        )
+        s.embeds[:rows].copy_(embeds)
+        s.write_rows[:rows].copy_(write_rows)
+        for layer, (k, v) in enumerate(present):
+            s.kv[layer, 0, :rows].copy_(k)
+            s.kv[layer, 1, :rows].copy_(v)
+
+    def _capture(self) -> None:
+        device = self.frontend.device
+        self._idx[0].zero_()  # slot 0, a full window: any valid rows do for capturing
+        self._idx[1].fill_(self.window)
+        mem = torch.cuda.graph_pool_handle()
+        keys = sorted(((m, b) for m in self.multipliers for b in self.buckets), key=lambda k: (k[0] * k[1], k[1]))
+        for m, rows in reversed(keys):  # largest first: smaller graphs reuse its pool memory
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, cuDNN/cuBLAS heuristics)
+                self._forward(m, rows)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=mem):
+                self._forward(m, rows)
+            self._graphs[(m, rows)] = graph
+        torch.cuda.synchronize(device)
