@@ -390,7 +390,9 @@ class StreamingClient:
             stream._on_error(error)
         elif infer.outputs:
             result = infer_result_type(infer)
-            text = result.as_numpy("TEXT").reshape(-1)[0]
+            text = _first_bytes(infer, "TEXT")
+            if text is None:
+                text = result.as_numpy("TEXT").reshape(-1)[0]
             stream._on_text(
                 TextPiece(
                     text=text.decode("utf-8") if isinstance(text, bytes) else str(text),
@@ -405,6 +407,18 @@ class StreamingClient:
             if stream.done():
                 with self._lock:
                     self._streams.pop(stream.key, None)
+
+
+def _first_bytes(infer, name: str) -> bytes | None:
+    """The first element of BYTES output ``name`` read from the raw contents (a 4-byte little-endian length, then
+    the bytes), or None when the response carries no raw contents. tritonclient's own decoding differs between
+    releases for an empty string (2.73 returns no element at all), and TEXT is often empty."""
+    index = next((i for i, out in enumerate(infer.outputs) if out.name == name), None)
+    if index is None or index >= len(infer.raw_output_contents):
+        return None
+    raw = infer.raw_output_contents[index]
+    (length,) = struct.unpack_from("<I", raw, 0)
+    return bytes(raw[4 : 4 + length])
 
 
 def _add_input(request, name: str, datatype: str, shape: list[int], raw: bytes) -> None:

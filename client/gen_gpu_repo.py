@@ -41,7 +41,7 @@ GPU_DEFAULTS = {
     "scheduling": "iteration",
     "page_size": "16",
     "num_pages": "0",
-    "kv_memory_fraction": "0.9",
+    "kv_memory_fraction": "0.75",
     "max_streams": "512",
     "max_llm_cache_tokens": "1000",
     "default_latency_multiplier": "1",

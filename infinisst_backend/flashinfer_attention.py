@@ -53,7 +53,8 @@ class FlashInferAttention(AttentionBackend):
             import flashinfer
         except ImportError as e:  # a clear message instead of a bare ImportError deep in the engine
             raise RuntimeError(
-                "attention_backend='flashinfer' needs the flashinfer-python package (0.2.14.post1) and a CUDA GPU"
+                "attention_backend='flashinfer' needs the flashinfer-python package (0.2.14.post1) and a CUDA GPU "
+                f"({type(e).__name__}: {e})"
             ) from e
         self.device = torch.device(cfg.device)
         if self.device.type != "cuda":
