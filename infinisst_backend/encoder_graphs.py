@@ -69,7 +69,7 @@ class _Shape:
 
     m: int
     chunk_len: int  # samples of a full chunk: 15360*m
-    tail_len: int  # samples of a full CNN tail: 399 + 15360*m
+    tail_len: int  # samples of a full CNN tail (SpeechFrontend.tail_samples)
     num_new: int  # frames per chunk: 48*m
     chunks: Tensor  # [max, chunk_len] staged samples (device, staging dtype): a view of the device staging bytes
     host_chunks: list[Tensor]  # the same view of each pinned host buffer

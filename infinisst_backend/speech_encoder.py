@@ -690,7 +690,16 @@ class SpeechFrontend(nn.Module):
         return math.ceil(samples.numel() / SAMPLES_PER_UNIT)
 
     def tail_samples(self, m: int) -> int:
-        """Raw samples a stream keeps for the CNN after a chunk: the 399-sample receptive overlap + one block."""
+        """Raw samples a stream keeps for the CNN after a chunk.
+
+        extractor_mode "layer_norm" (the paper's encoder) normalizes each frame on its own, so a new frame depends
+        only on the 400 samples under it: the 399-sample receptive overlap is all the next chunk needs, and the
+        CNN then runs on 399 + 15360*m samples, exactly like a first chunk (the reference re-runs the previous
+        block too, which doubles the CNN's work for the same frames). "group_norm" normalizes over time, so it
+        keeps the reference's tail of the overlap + one block.
+        """
+        if self.cfg.extractor_mode == "layer_norm":
+            return self.prefix_samples
         return self.prefix_samples + self.hop * self.cfg.block_size * m
 
     def _window_inputs(

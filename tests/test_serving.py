@@ -770,7 +770,8 @@ def test_gen_gpu_repo_writes_valid_configs(tmp_path, ckpt):
         cfg = serving.serving_config_from_parameters(params, "cuda:0", tmp_path)
         assert cfg.checkpoint == ckpt and cfg.engine.default_language == language
         assert cfg.engine.decoding.beam_size == 4 and cfg.engine.attention_backend == "flashinfer"
-        assert cfg.engine.kv_memory_fraction == pytest.approx(0.45)
+        assert cfg.engine.kv_memory_fraction == pytest.approx(0.75 / 2)  # the GPU default split over 2 models
+        assert cfg.engine.cuda_graphs and cfg.engine.batch_timeout_s == pytest.approx(0.05)
     assert gen_gpu_repo.parse_model(str(ckpt))[0] == "infinisst"
     with pytest.raises(ValueError, match="beam_sise"):
         gen_gpu_repo.write(tmp_path / "r2", models, [0], {"beam_sise": "4"})

@@ -256,7 +256,8 @@ def test_cache_bounded_on_long_stream():
         assert cache.frames_cached == min(48 * (i + 1), cfg.max_cache_frames)
         sizes.append(cache.nbytes())
     kv = 2 * cfg.num_layers * cfg.embed_dim * cfg.max_cache_frames * 8
-    tail = (399 + 320 * 48) * 8
+    tail = model.tail_samples(1) * 8  # layer_norm extractor: only the 399-sample receptive overlap
+    assert model.tail_samples(1) == 399
     assert sizes[2:] == [kv + tail] * 10
     assert all(k.shape == (cfg.num_heads, cfg.max_cache_frames, cfg.head_dim) for k in cache.keys + cache.values)
 
@@ -400,3 +401,16 @@ def test_bfloat16_close_to_float64():
     low = torch.cat(stream(build(dtype=torch.bfloat16), samples, 1)[0])
     assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
     assert (low.double() - exact).norm() / exact.norm() < 0.05
+
+
+def test_cnn_tail_is_the_receptive_overlap_for_layer_norm_only():
+    """layer_norm: each frame depends on its 400 samples only, so 399 samples of tail reproduce the full pass (the
+    streaming-equals-encode_full tests check the outputs); group_norm normalizes over time: the reference's block."""
+    cfg = tiny_config()
+    assert build(cfg).tail_samples(2) == 399
+    grouped = build(dataclasses.replace(cfg, extractor_mode="group_norm"))
+    assert grouped.tail_samples(1) == 399 + 320 * 48 and grouped.tail_samples(2) == 399 + 2 * 320 * 48
+    cache = grouped.new_cache(1)
+    for seed in range(3):
+        grouped.encode_chunk(cache, audio(SAMPLES_PER_UNIT, seed=seed))
+        assert cache.audio_tail.numel() == 399 + 320 * 48
