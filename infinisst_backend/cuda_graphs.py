@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -47,6 +48,20 @@ def batch_buckets(max_batch: int) -> list[int]:
 def scratch_pages_needed(max_q_len: int, page_size: int) -> int:
     """Scratch pages a padding row of ``max_q_len`` tokens writes."""
     return -(-max_q_len // page_size)
+
+
+def capture_graph(forward, device: torch.device, pool) -> torch.cuda.CUDAGraph:
+    """Capture ``forward()`` as a CUDA graph in memory pool ``pool``, after one warm-up run on a side stream (lazy
+    inits, cuBLAS/cuDNN heuristics must not happen inside the capture). Call under ``torch.inference_mode()``."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        forward()
+    return graph
 
 
 class _GraphAttention(AttentionBackend):
@@ -88,7 +103,7 @@ class StepGraphs:
         self.page_size = kv.page_size
         self.max_positions = max_positions
         self.prefill_q_lens = sorted(set(prefill_q_lens))
-        self.max_q_len = max_q_len = max(self.prefill_q_lens, default=1)
+        max_q_len = max(self.prefill_q_lens, default=1)
         self.max_pages_per_seq = -(-max_positions // kv.page_size)
         self.decode_buckets = batch_buckets(max_decode_batch)
         self.prefill_buckets = batch_buckets(max_prefill_batch)
@@ -129,10 +144,6 @@ class StepGraphs:
             self.prefill_buckets,
         )
 
-    @property
-    def max_batch(self) -> int:
-        return self.decode_buckets[-1]
-
     def prepare(self, seqs: list[SequenceKV], q_len: int) -> bool:
         """Whether a step where every sequence of ``seqs`` (before reserving) appends ``q_len`` tokens has a graph."""
         if not seqs or (q_len != 1 and q_len not in self.prefill_q_lens):
@@ -151,13 +162,11 @@ class StepGraphs:
         buckets = self.decode_buckets if q_len == 1 else self.prefill_buckets
         rows = buckets[bisect.bisect_left(buckets, n)]
         ps, tokens = self.page_size, n * q_len
-        positions = [p for s in seqs for p in range(s.num_tokens - q_len, s.num_tokens)]
         host = self._host
-        host[0, :tokens] = torch.tensor(positions, dtype=torch.long)
-        host[1, :tokens] = torch.tensor(
-            [s.pages[p // ps] for s in seqs for p in range(s.num_tokens - q_len, s.num_tokens)], dtype=torch.long
-        )
-        host[2, :tokens] = torch.tensor([p % ps for p in positions], dtype=torch.long)
+        host[0, :tokens] = torch.tensor([p for s in seqs for p in range(s.num_tokens - q_len, s.num_tokens)])
+        slots = torch.tensor([x for s in seqs for x in s.slots(s.num_tokens - q_len, s.num_tokens)])
+        host[1, :tokens] = slots // ps
+        host[2, :tokens] = slots % ps
         self._fill_padding(tokens, rows * q_len, q_len)
         self._inputs[:, : rows * q_len].copy_(host[:, : rows * q_len], non_blocking=True)
         self._embeds[:tokens].copy_(embeds)
@@ -228,15 +237,7 @@ class StepGraphs:
         self._fill_padding(0, tokens, q_len)
         self._inputs[:, :tokens].copy_(self._host[:, :tokens])
         self._attn.wrapper, self._attn.tokens = self._wrappers[key], tokens
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, autotuning)
-            self._forward(q_len, rows)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._forward(q_len, rows)
-        self._graphs[key] = graph
+        self._graphs[key] = capture_graph(partial(self._forward, q_len, rows), self.device, self._pool)
         self._attn.wrapper = None
 
     def _forward(self, q_len: int, rows: int) -> None:

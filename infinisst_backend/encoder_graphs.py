@@ -34,11 +34,13 @@ import bisect
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from .config import MAX_LATENCY_MULTIPLIER, SAMPLES_PER_UNIT
+from .cuda_graphs import capture_graph
 from .speech_encoder import (
     SpeechCache,
     SpeechCachePool,
@@ -264,13 +266,5 @@ class EncoderGraphs:
         mem = torch.cuda.graph_pool_handle()
         keys = sorted(((m, b) for m in self.multipliers for b in self.buckets), key=lambda k: (k[0] * k[1], k[1]))
         for m, rows in reversed(keys):  # largest first: smaller graphs reuse its pool memory
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, cuDNN/cuBLAS heuristics)
-                self._forward(m, rows)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=mem):
-                self._forward(m, rows)
-            self._graphs[(m, rows)] = graph
+            self._graphs[(m, rows)] = capture_graph(partial(self._forward, m, rows), device, mem)
         torch.cuda.synchronize(device)

@@ -23,6 +23,7 @@ VOCAB_PAD = 128
 # CUDA graphs: steady-state prefills and encoder calls get graphs for these latency multipliers (the paper's; each
 # graph keeps its activations' peak in the shared graph pool, so other m run eagerly), prefills up to this batch.
 GRAPH_MULTIPLIERS = (1, 2)
+GRAPH_PREFILL_Q_LENS = [EMBEDDINGS_PER_UNIT * m + 10 for m in GRAPH_MULTIPLIERS]  # a later turn's prompt tokens
 MAX_PREFILL_GRAPH_BATCH = 64
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,9 +55,7 @@ class ModelRunner:
             head_dim=llm.head_dim,
             dtype=self.dtype,
             device=self.device,
-            scratch_pages=scratch_pages_needed(EMBEDDINGS_PER_UNIT * max(GRAPH_MULTIPLIERS) + 10, cfg.page_size)
-            if self._use_graphs
-            else 0,
+            scratch_pages=scratch_pages_needed(max(GRAPH_PREFILL_Q_LENS), cfg.page_size) if self._use_graphs else 0,
         )
         self.pool = self.kv.pool
         self.attn = make_attention_backend(cfg)
@@ -111,7 +110,7 @@ class ModelRunner:
         return self._replay_or_forward(seqs, embeds, 1)
 
     def _replay_or_forward(self, seqs: list[SequenceKV], embeds: torch.Tensor, q_len: int) -> torch.Tensor:
-        """Every sequence appends ``q_len`` tokens: a graph replay if the shape has (or can get) one, else eager."""
+        """Every sequence appends ``q_len`` tokens: a graph replay if the shape has one, else eager."""
         if self.graphs is not None and self.graphs.prepare(seqs, q_len):
             self.kv.copy_pages([copy for seq in seqs for copy in seq.reserve(q_len)])
             return self.graphs.run(seqs, embeds, q_len)
@@ -127,7 +126,7 @@ class ModelRunner:
             scratch,
             max_decode_batch=self.cfg.max_batch_size,
             max_prefill_batch=min(self.cfg.max_batch_size, MAX_PREFILL_GRAPH_BATCH),
-            prefill_q_lens=[EMBEDDINGS_PER_UNIT * m + 10 for m in GRAPH_MULTIPLIERS],
+            prefill_q_lens=GRAPH_PREFILL_Q_LENS,
             # The longest a sequence gets: system prompt + window + a turn (prompt and generated tokens), with room.
             max_positions=self.cfg.max_llm_cache_tokens + 1024,
             workspace=self.attn.workspace,

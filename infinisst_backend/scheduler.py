@@ -64,11 +64,10 @@ class Scheduler:
             return self._decode(decoding)  # the baseline: no new work joins a running batch
         if ready:
             step = self._prefill(ready, system_len_hint)
-            # A prefill is due once full, or once its oldest chunk has waited batch_timeout_s for more streams
-            # to join; until then decode steps run (or, with nothing to decode, the engine waits).
-            if len(step.streams) < len(ready) or now - ready[0].chunks[0].arrival >= self.cfg.batch_timeout_s:
-                return step
-            if len(step.streams) >= self.cfg.max_batch_size:
+            # A prefill is due once full (streams or token budget), or once its oldest chunk has waited
+            # batch_timeout_s for more streams to join; until then decode steps run (or the idle engine waits).
+            full = len(step.streams) < len(ready) or len(step.streams) >= self.cfg.max_batch_size
+            if full or now - ready[0].chunks[0].arrival >= self.cfg.batch_timeout_s:
                 return step
         if decoding:
             return self._decode(decoding)
