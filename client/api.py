@@ -364,7 +364,10 @@ class StreamingClient:
 
         try:
             for response in self._responses:
-                self._dispatch(response, InferResult)
+                try:
+                    self._dispatch(response, InferResult)
+                except Exception as e:  # a response this client cannot read fails its own stream only
+                    self._undecodable(response, e)
         except Exception as e:  # the connection broke, or close() cancelled it with streams open
             reason = "was closed" if self._closed else f"failed: {e}"
             error = ServerError(f"UNAVAILABLE: the gRPC stream to {self.url} {reason}")
@@ -372,6 +375,14 @@ class StreamingClient:
                 streams = [s for s in self._streams.values() if not s.done()]
             for stream in streams:
                 stream._abort(error)
+
+    def _undecodable(self, response, e: Exception) -> None:
+        key = response.infer_response.id.partition("/")[0]
+        with self._lock:
+            stream = self._streams.get(int(key)) if key.isdigit() else None
+        logger.exception("cannot read a response of stream %s", getattr(stream, "sequence_id", "?"))
+        if stream is not None:
+            stream._abort(ServerError(f"INTERNAL: the client cannot read a response: {type(e).__name__}: {e}"))
 
     def _dispatch(self, response, infer_result_type) -> None:
         infer = response.infer_response
@@ -412,11 +423,14 @@ class StreamingClient:
 def _first_bytes(infer, name: str) -> bytes | None:
     """The first element of BYTES output ``name`` read from the raw contents (a 4-byte little-endian length, then
     the bytes), or None when the response carries no raw contents. tritonclient's own decoding differs between
-    releases for an empty string (2.73 returns no element at all), and TEXT is often empty."""
+    releases for an empty string (2.73 returns no element at all), and TEXT is often empty. tritonserver 2.51
+    may also send an empty string as an empty buffer, without its length prefix (seen on the GPU machine)."""
     index = next((i for i, out in enumerate(infer.outputs) if out.name == name), None)
     if index is None or index >= len(infer.raw_output_contents):
         return None
     raw = infer.raw_output_contents[index]
+    if len(raw) < 4:
+        return b""
     (length,) = struct.unpack_from("<I", raw, 0)
     return bytes(raw[4 : 4 + length])
 

@@ -30,3 +30,14 @@ def test_text_is_read_from_the_raw_output_empty_strings_included(text):
     assert _first_bytes(infer, "TEXT") == text
     assert _first_bytes(infer, "MISSING") is None
     assert _first_bytes(service_pb2.ModelInferResponse(), "TEXT") is None
+
+
+def test_an_empty_raw_buffer_is_an_empty_string():
+    """tritonserver 2.51 with the model on KIND_GPU sent an empty TEXT as a buffer of 0 bytes (no length prefix);
+    the client read it as a broken stream and failed every stream on the connection."""
+    infer = service_pb2.ModelInferResponse(id="1/0")
+    out = infer.outputs.add()
+    out.name, out.datatype = "TEXT", "BYTES"
+    out.shape.extend([1, 1])
+    infer.raw_output_contents.append(b"")
+    assert _first_bytes(infer, "TEXT") == b""
