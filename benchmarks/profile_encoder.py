@@ -1,0 +1,95 @@
+"""Kernel-by-kernel profile of the streaming speech encoder at the paper's dimensions (GPU).
+
+Builds the wav2vec 2.0 Large frontend with random bf16 weights, brings ``--batch`` streams to the steady state (cache
+window full), then times one chunk per stream (eager and, with ``--graphs``, through :class:`EncoderGraphs`) and
+prints the CUDA kernels that take the time (torch.profiler), grouped by name:
+
+    python benchmarks/profile_encoder.py --batch 1,8,32 --m 1 --graphs
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from infinisst_backend.config import SpeechEncoderConfig  # noqa: E402
+from infinisst_backend.encoder_graphs import EncoderGraphs  # noqa: E402
+from infinisst_backend.speech_encoder import SAMPLES_PER_UNIT, SpeechFrontend  # noqa: E402
+
+LLM_HIDDEN = 4096  # Llama-3.1-8B
+
+
+def median_ms(fn, repeats: int = 10) -> float:
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
+def kernel_table(fn, top: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", default="1,8,32")
+    p.add_argument("--m", type=int, default=1)
+    p.add_argument("--graphs", action="store_true", help="also time the CUDA-graph path")
+    p.add_argument("--top", type=int, default=18)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    cfg = SpeechEncoderConfig()
+    frontend = SpeechFrontend(cfg, LLM_HIDDEN).to("cuda", torch.bfloat16).eval()
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, cudnn {torch.backends.cudnn.version()}")
+    print(f"encoder params {sum(x.numel() for x in frontend.parameters()) / 1e6:.0f} M, m={args.m}")
+    rng = np.random.default_rng(0)
+    chunk = torch.from_numpy((0.1 * rng.standard_normal(SAMPLES_PER_UNIT * args.m)).astype("f4")).cuda()
+    batches = [int(b) for b in args.batch.split(",")]
+    # As the engine's pool: scratch rows so that each layer gathers its window and the chunk's frames in one op.
+    pool = frontend.new_pool(max(batches), scratch_rows=max(batches) * cfg.block_size * args.m)
+    graphs = EncoderGraphs(frontend, pool, max(batches), [args.m]) if args.graphs else None
+    warm = math.ceil(cfg.max_cache_frames / (cfg.block_size * args.m)) + 1
+    with torch.inference_mode():
+        for b in batches:
+            caches = [frontend.new_cache(args.m, pool) for _ in range(b)]
+            for _ in range(warm):
+                frontend.encode_chunks(caches, [chunk] * b)
+
+            def eager(caches=caches, b=b):
+                frontend.encode_chunks(caches, [chunk] * b)
+
+            def graphed(caches=caches, b=b):
+                frontend.encode_chunks(caches, [chunk] * b, graphs=graphs)
+
+            line = f"batch {b}: eager {median_ms(eager):.2f} ms"
+            if graphs is not None:
+                line += f", graphed {median_ms(graphed):.2f} ms"
+            print(line, flush=True)
+            print(kernel_table(eager, args.top), flush=True)
+            for c in caches:
+                c.release()
+
+
+if __name__ == "__main__":
+    main()
