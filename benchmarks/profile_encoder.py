@@ -66,8 +66,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     chunk = torch.from_numpy((0.1 * rng.standard_normal(SAMPLES_PER_UNIT * args.m)).astype("f4")).cuda()
     batches = [int(b) for b in args.batch.split(",")]
-    # As the engine's pool: scratch rows so that each layer gathers its window and the chunk's frames in one op.
-    pool = frontend.new_pool(max(batches), scratch_rows=max(batches) * cfg.block_size * args.m)
+    pool = frontend.new_pool(max(batches))
     graphs = EncoderGraphs(frontend, pool, max(batches), [args.m]) if args.graphs else None
     warm = math.ceil(cfg.max_cache_frames / (cfg.block_size * args.m)) + 1
     with torch.inference_mode():

@@ -26,7 +26,7 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import CapacityError, EngineError, InvalidArgument, UnknownStream
 from .events import Event, RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
 from .model import InfiniSSTModel
-from .model_runner import ModelRunner, speech_scratch_rows
+from .model_runner import ModelRunner
 from .prompt import PromptBuilder
 from .scheduler import PREFILL, Admission, Scheduler, StepRecord, worst_case_pages
 from .stream import Stream, Turn, eviction_cut
@@ -536,8 +536,7 @@ def _pages_from_free_memory(model: InfiniSSTModel, cfg: EngineConfig) -> int:
     llm, speech = model.llm.cfg, model.speech.cfg
     itemsize = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
     page_bytes = 2 * llm.num_hidden_layers * cfg.page_size * llm.num_key_value_heads * llm.head_dim * itemsize
-    speech_rows = speech.max_cache_frames * cfg.max_streams + speech_scratch_rows(speech)
-    speech_bytes = 2 * speech.num_layers * speech_rows * speech.embed_dim * itemsize
+    speech_bytes = 2 * speech.num_layers * speech.max_cache_frames * speech.embed_dim * itemsize * cfg.max_streams
     usable = int(free * cfg.kv_memory_fraction) - speech_bytes
     if usable < page_bytes:
         raise ValueError(

@@ -25,15 +25,6 @@ VOCAB_PAD = 128
 GRAPH_MULTIPLIERS = (1, 2)
 GRAPH_PREFILL_Q_LENS = [EMBEDDINGS_PER_UNIT * m + 10 for m in GRAPH_MULTIPLIERS]  # a later turn's prompt tokens
 MAX_PREFILL_GRAPH_BATCH = 64
-# Speech encoder batches of up to this many streams (chunks of up to max(GRAPH_MULTIPLIERS) units) gather each
-# layer's window and the chunk's new frames in one op, through scratch rows of the speech cache pool.
-SPEECH_SCRATCH_STREAMS = 32
-
-
-def speech_scratch_rows(speech_cfg) -> int:
-    """Scratch rows of the engine's speech cache pool (see :class:`SpeechCachePool`)."""
-    return SPEECH_SCRATCH_STREAMS * speech_cfg.block_size * max(GRAPH_MULTIPLIERS)
-
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,7 +45,7 @@ class ModelRunner:
         self.dtype = DTYPES[cfg.dtype]
         self._use_graphs = self.device.type == "cuda" and cfg.attention_backend == "flashinfer" and cfg.cuda_graphs
         # One speech cache slot per possible stream, allocated now (engine._pages_from_free_memory set it aside).
-        self.speech_pool = model.speech.new_pool(cfg.max_streams, speech_scratch_rows(model.speech.cfg))
+        self.speech_pool = model.speech.new_pool(cfg.max_streams)
         llm = model.llm.cfg
         self.kv = PagedKVCache(
             num_layers=llm.num_hidden_layers,

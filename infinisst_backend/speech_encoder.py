@@ -230,8 +230,7 @@ class SelfAttention(nn.Module):
         self.rotary_emb = rotary(self.head_dim, cfg.rope_theta)
 
     def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None, bias: Tensor, positions: _Positions | None = None):
-        """x [S, T, E]; past (k, v) [S, H, C, D] un-rotated, or a function of the chunk's (k, v) [S, T, H, D] that
-        returns the whole window (cached + chunk) [S, H, C+T, D], or None; bias [T, C+T] or [S, 1, T, C+T].
+        """x [S, T, E]; past (k, v) [S, H, C, D] un-rotated, or None; bias [T, C+T] or [S, 1, T, C+T].
 
         ``positions`` (query offset, key offset), each an int or a per-stream [S, 1] tensor, are the RoPE positions
         of the first query and the first key; by default (C, 0): compact positions, the oldest key at 0.
@@ -244,9 +243,7 @@ class SelfAttention(nn.Module):
         new_k, new_v = (p(x).view(batch, length, self.num_heads, self.head_dim) for p in (self.k_proj, self.v_proj))
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = new_k.transpose(1, 2), new_v.transpose(1, 2)
-        if callable(past):
-            k, v = past(new_k, new_v)
-        elif past is not None:
+        if past is not None:
             k = torch.cat((past[0], k), dim=2)
             v = torch.cat((past[1], v), dim=2)
         # Compact positions by default: keys 0..C+T-1, queries C..C+T-1 (rotate_queries_with_cached_keys).
@@ -290,9 +287,8 @@ class TransformerEncoder(nn.Module):
         past: Callable[[int], tuple[Tensor, Tensor]] | None = None,
         positions: _Positions | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """x [S, T, E]; ``past(i)`` gives layer i's cached (k, v) [S, H, C, D] or a function joining the chunk's
-        frames to them (see :meth:`SelfAttention.forward`), or None for no cache: it is called layer by layer, so only
-        one layer's copy of the cache is alive at a time. ``positions``: see
+        """x [S, T, E]; ``past(i)`` gives layer i's cached (k, v) [S, H, C, D], or None for no cache: it is called
+        layer by layer, so only one layer's copy of the cache is alive at a time. ``positions``: see
         :meth:`SelfAttention.forward`.
 
         Returns (x, per layer the chunk's (k, v) [S, T, H, D]).
@@ -359,10 +355,6 @@ class SpeechCachePool:
 
     A fixed pool (the engine's, one slot per possible stream, allocated up front) raises CapacityError when every
     slot is in use; a growable one (the frontend's default, for tests and tools) doubles instead.
-
-    ``scratch_rows`` (fixed pools only) adds rows after the slots where a batch puts each layer's new K/V before it
-    reads its windows (:meth:`join`): one gather then yields cached and new frames together, with no concatenation.
-    They belong to no stream, so nothing a failed call leaves there matters.
     """
 
     def __init__(
@@ -372,21 +364,17 @@ class SpeechCachePool:
         dtype: torch.dtype,
         device: torch.device | str,
         growable: bool = False,
-        scratch_rows: int = 0,
     ):
-        if growable and scratch_rows:
-            raise ValueError("a growable pool has no scratch rows (growing would move them)")
         self.cfg = cfg
         self.window = cfg.max_cache_frames
         self.growable = growable
-        self.scratch_rows = scratch_rows
-        shape = (cfg.num_layers, 2, num_slots * self.window + scratch_rows, cfg.num_heads, cfg.head_dim)
+        shape = (cfg.num_layers, 2, num_slots * self.window, cfg.num_heads, cfg.head_dim)
         self.data = torch.empty(shape, dtype=dtype, device=device)
         self._free = list(range(num_slots - 1, -1, -1))  # a stack: lowest slot first, released slots reused first
 
     @property
     def num_slots(self) -> int:
-        return (self.data.shape[2] - self.scratch_rows) // self.window
+        return self.data.shape[2] // self.window
 
     @property
     def num_free(self) -> int:
@@ -423,29 +411,6 @@ class SpeechCachePool:
         """Layer ``layer``'s (k, v) [S, H, C, D] at rows [S, C]: a copy, made by one indexing op."""
         # index_select of whole frames (H*D values) is faster on GPU than advanced indexing.
         kv = self.data[layer].flatten(2).index_select(1, rows.flatten())  # [2, S*C, H*D]
-        k, v = kv.view(2, *rows.shape, self.cfg.num_heads, self.cfg.head_dim)
-        return k.transpose(1, 2), v.transpose(1, 2)
-
-    def joined_rows(self, read_rows: Tensor, num_new: int) -> Tensor | None:
-        """Rows [S, C + T] for :meth:`join`: each stream's cached rows ``read_rows`` [S, C], then T scratch rows of its
-        own; None if the scratch rows cannot hold S*T frames. Pure device ops."""
-        streams = read_rows.shape[0]
-        if streams * num_new > self.scratch_rows:
-            return None
-        first = self.num_slots * self.window
-        scratch = first + torch.arange(streams * num_new, device=read_rows.device).view(streams, num_new)
-        return torch.cat((read_rows, scratch), dim=1)
-
-    def join(self, layer: int, rows: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Layer ``layer``'s window with the chunk's frames appended, (k, v) [S, H, C + T, D]: the chunk's (k, v)
-        [S, T, H, D] go to the scratch rows at the end of ``rows`` (from :meth:`joined_rows`), then one gather reads
-        all C + T frames. Equals ``cat(gather(layer, cached rows), new)`` on the frame axis; no slot changes."""
-        streams, num_new = k.shape[:2]
-        scratch = rows[:, -num_new:].flatten()
-        data = self.data[layer]
-        data[0].index_copy_(0, scratch, k.flatten(0, 1))
-        data[1].index_copy_(0, scratch, v.flatten(0, 1))
-        kv = data.flatten(2).index_select(1, rows.flatten())  # [2, S*(C+T), H*D]
         k, v = kv.view(2, *rows.shape, self.cfg.num_heads, self.cfg.head_dim)
         return k.transpose(1, 2), v.transpose(1, 2)
 
@@ -592,10 +557,9 @@ class SpeechFrontend(nn.Module):
 
     # -- public API ------------------------------------------------------------------------------------------------
 
-    def new_pool(self, num_slots: int, scratch_rows: int = 0) -> SpeechCachePool:
-        """A fixed pool of ``num_slots`` cache slots in the module's dtype and device, allocated now. ``scratch_rows``:
-        see :class:`SpeechCachePool` (batches of S streams with chunks of T frames use them when S*T fits)."""
-        return SpeechCachePool(self.cfg, num_slots, self.dtype, self.device, scratch_rows=scratch_rows)
+    def new_pool(self, num_slots: int) -> SpeechCachePool:
+        """A fixed pool of ``num_slots`` cache slots in the module's dtype and device, allocated now."""
+        return SpeechCachePool(self.cfg, num_slots, self.dtype, self.device)
 
     def new_cache(self, m: int, pool: SpeechCachePool | None = None) -> SpeechCache:
         """An empty cache for a stream with latency multiplier m (chunks of 15360*m samples).
@@ -769,13 +733,7 @@ class SpeechFrontend(nn.Module):
         """The encoder pass of a group: audio [S, tail + chunk] -> (embeddings [S, T/4, llm_hidden], per layer the
         chunk's (k, v) [S, T, H, D]), each layer's cached window gathered from ``pool`` at ``read_rows``."""
         x = self.speech_encoder.frames(audio, num_new)  # [S, T, E]
-        past = None
-        if read_rows is not None:
-            joined = pool.joined_rows(read_rows, num_new)
-            if joined is None:  # cached frames only: the layer concatenates the chunk's
-                past = partial(pool.gather, rows=read_rows)
-            else:  # the layer hands over the chunk's frames and gets the whole window back
-                past = lambda layer: partial(pool.join, layer, joined)  # noqa: E731
+        past = partial(pool.gather, rows=read_rows) if read_rows is not None else None
         x, present = self.speech_encoder.encoder(x, bias, past, positions)
         return self.proj(self.length_shrink(x)), present
 

@@ -29,13 +29,10 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int64), b.view(torch.int64))
 
 
-@pytest.mark.parametrize(
-    ("window", "variant", "scratch"), [(100, "interleaved", 0), (192, "half", 0), (100, "interleaved", 384)]
-)
-def test_random_interleavings_match_alone_and_full(monkeypatch, window, variant, scratch):
+@pytest.mark.parametrize(("window", "variant"), [(100, "interleaved"), (192, "half")])
+def test_random_interleavings_match_alone_and_full(monkeypatch, window, variant):
     """Streams of every m, phase and length share a pool with fewer slots than streams, in random batches: each one
-    matches the same stream encoded alone (outputs and cache) and the offline reference. With scratch rows, batches
-    whose chunks fit them gather window and chunk together (SpeechCachePool.join), the others concatenate."""
+    matches the same stream encoded alone (outputs and cache) and the offline reference."""
     model = build(tiny_config(max_cache_frames=window, rope_variant=variant))
     rng = np.random.default_rng(window)
     groups = []
@@ -48,10 +45,7 @@ def test_random_interleavings_match_alone_and_full(monkeypatch, window, variant,
             encode_group(caches, chunks),
         )[1],
     )
-    pool = model.new_pool(5, scratch_rows=scratch)
-    joins = []
-    join = pool.join
-    monkeypatch.setattr(pool, "join", lambda *args: (joins.append(args[0]), join(*args))[1])
+    pool = model.new_pool(5)
     waiting = []
     for i in range(16):
         m = int(rng.choice([1, 1, 1, 2, 2, 3, 4]))
@@ -91,7 +85,6 @@ def test_random_interleavings_match_alone_and_full(monkeypatch, window, variant,
             active.remove(s)
 
     assert pool.num_free == pool.num_slots == 5 and len(slots_used) == 16  # every slot reused several times
-    assert bool(joins) == bool(scratch)
     assert checked_full >= 4
     wraps = max(frames for encoded, _ in groups for frames in encoded) / window
     assert wraps > 3  # the ring wrapped several times
@@ -99,13 +92,9 @@ def test_random_interleavings_match_alone_and_full(monkeypatch, window, variant,
     assert any(len(set(encoded)) > 1 and cached == window for encoded, cached in groups)
 
 
-@pytest.mark.parametrize("scratch", [0, 600])
-def test_failed_call_leaves_every_cache_unchanged(monkeypatch, scratch):
-    """Nothing of a failed call reaches a cache: validation errors, and a failure after some groups were encoded
-    (with scratch rows, those groups wrote their chunks' K/V there, outside every slot)."""
+def test_failed_call_leaves_every_cache_unchanged(monkeypatch):
     model = build()
-    pool = model.new_pool(4, scratch_rows=scratch)
-    slot_rows = slice(0, pool.num_slots * pool.window)
+    pool = model.new_pool(4)
     caches = [model.new_cache(m, pool) for m in (1, 1, 2, 4)]
     twins = [model.new_cache(m) for m in (1, 1, 2, 4)]
     for i, (cache, twin, chunks) in enumerate(zip(caches, twins, (5, 3, 2, 0))):
@@ -116,11 +105,11 @@ def test_failed_call_leaves_every_cache_unchanged(monkeypatch, scratch):
 
     def state():
         tails = [None if c.audio_tail is None else c.audio_tail.clone() for c in caches]
-        return pool.data[:, :, slot_rows].clone(), [c.frames_encoded for c in caches], tails
+        return pool.data.clone(), [c.frames_encoded for c in caches], tails
 
     def assert_unchanged(before):
         data, frames, tails = before
-        assert same_bits(pool.data[:, :, slot_rows], data) and [c.frames_encoded for c in caches] == frames
+        assert same_bits(pool.data, data) and [c.frames_encoded for c in caches] == frames
         for cache, tail in zip(caches, tails):
             assert (cache.audio_tail is None) == (tail is None)
             assert tail is None or torch.equal(cache.audio_tail, tail)
@@ -310,8 +299,7 @@ def test_encoder_graph_buffers_match_eager():
     assert encoder_buckets(1) == [1] and encoder_buckets(30) == [1, 2, 4, 8, 16, 24, 30]
     assert encoder_buckets(300)[-4:] == [128, 192, 256, 300]
     model = build()  # window 100: full from the 3rd chunk at m=1, the 2nd at m=2
-    # The graph path gathers through scratch rows (room for 8 streams of m=2), the eager twins concatenate.
-    pool, twins = model.new_pool(20, scratch_rows=8 * 96), model.new_pool(20)
+    pool, twins = model.new_pool(20), model.new_pool(20)
     graphs = EncoderGraphs(model, pool, max_batch=8, multipliers=[1, 2, 3], capture=False)
     assert graphs.buckets == [1, 2, 4, 8] and graphs.multipliers == [1, 2]  # 48*3 frames > the window
     with pytest.raises(ValueError, match="growable"):
