@@ -53,14 +53,15 @@ def scratch_pages_needed(max_q_len: int, page_size: int) -> int:
 def capture_graph(forward, device: torch.device, pool) -> torch.cuda.CUDAGraph:
     """Capture ``forward()`` as a CUDA graph in memory pool ``pool``, after one warm-up run on a side stream (lazy
     inits, cuBLAS/cuDNN heuristics must not happen inside the capture). Call under ``torch.inference_mode()``."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        forward()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        forward()
+    with torch.cuda.device(device):  # torch.cuda.graph captures on a stream of the current device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            forward()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            forward()
     return graph
 
 

@@ -8,6 +8,7 @@ the inbox between steps, so new work joins at the next step.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -63,8 +64,12 @@ class Engine:
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(tokenizer, model_cfg.prompt)
         self.default_language = self.prompts.language_name(cfg.default_language)
-        num_pages = cfg.num_pages or _pages_from_free_memory(model, cfg)
-        self.runner = ModelRunner(model, cfg, num_pages)
+        # The engine's GPU work (CUDA-graph capture and replay, FlashInfer, streams) runs with its device current,
+        # whatever the calling thread's current device is (a Triton instance on GPU 1 starts with GPU 0 current).
+        self._cuda = torch.device(cfg.device) if cfg.device.startswith("cuda") else None
+        with self._device_current():
+            num_pages = cfg.num_pages or _pages_from_free_memory(model, cfg)
+            self.runner = ModelRunner(model, cfg, num_pages)
         self.scheduler = Scheduler(cfg)
         self.admission = Admission(cfg, num_pages)
         self._system_len_hint = self.prompts.first_turn(self.default_language, 1).system_len
@@ -223,6 +228,13 @@ class Engine:
 
     def step(self) -> bool:
         """Apply new commands, then run one prefill or decode step. Returns False when nothing ran."""
+        with self._device_current():
+            return self._step()
+
+    def _device_current(self):
+        return contextlib.nullcontext() if self._cuda is None else torch.cuda.device(self._cuda)
+
+    def _step(self) -> bool:
         self._apply_inbox()
         now = time.monotonic()
         if now - self._last_expiry_check >= EXPIRY_CHECK_S:
