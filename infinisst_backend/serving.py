@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,6 +222,26 @@ class FaultInjector:
             raise InjectedFault(
                 f"fault injected at decoding step {step} of sequence {corrid} (test_fault_sequence_ids)"
             )
+
+
+ALLOW_NUMPY2_ENV = "INFINISST_ALLOW_NUMPY2"
+
+
+def check_stub_numpy(version: str, environ: Mapping[str, str]) -> None:
+    """ConfigError for NumPy 2 unless ``INFINISST_ALLOW_NUMPY2=1``.
+
+    Triton 2.51's Python stub (release 24.10, the one nvidia-pytriton 0.7.0 carries) sizes the output tensors that
+    a model builds from NumPy arrays with the NumPy 1 layout. Under NumPy 2 every output reached the client as an
+    empty buffer (seen on the H100 machine): each TEXT, RESPONSE_INDEX and SOURCE_SECONDS was 0 bytes. A newer
+    Triton whose stub supports NumPy 2 can set the variable.
+    """
+    major = int(version.split(".")[0])
+    if major >= 2 and environ.get(ALLOW_NUMPY2_ENV) != "1":
+        raise ConfigError(
+            f"numpy {version} is loaded in the Python stub, and Triton 2.51's stub sends outputs built from NumPy 2 "
+            f"arrays as empty tensors: install numpy<2 where the stub imports from (requirements-gpu.txt pins "
+            f"1.26.4), or set {ALLOW_NUMPY2_ENV}=1 for a Triton whose stub supports NumPy 2"
+        )
 
 
 def device_for_instance(args: dict) -> str:

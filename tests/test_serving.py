@@ -849,3 +849,14 @@ def test_server_error_code_parsing():
 
     assert ServerError("INVALID_ARG: stream 3 is not open").code == "INVALID_ARG"
     assert ServerError("inference request for sequence 5 must specify the START flag").code == ""
+
+
+def test_numpy_2_is_refused_in_the_stub_unless_allowed():
+    """Triton 2.51's stub sent every output as an empty buffer under NumPy 2 (H100 machine): the model refuses to
+    load with a message naming the fix, unless the operator says the stub supports NumPy 2."""
+    serving.check_stub_numpy("1.26.4", {})
+    with pytest.raises(serving.ConfigError, match=r"numpy 2\.5\.2 .*numpy<2.*INFINISST_ALLOW_NUMPY2=1"):
+        serving.check_stub_numpy("2.5.2", {})
+    with pytest.raises(serving.ConfigError):
+        serving.check_stub_numpy("2.0.0", {"INFINISST_ALLOW_NUMPY2": "yes"})
+    serving.check_stub_numpy("2.5.2", {"INFINISST_ALLOW_NUMPY2": "1"})

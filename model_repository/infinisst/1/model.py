@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -54,6 +55,7 @@ class TritonPythonModel:
         name = args["model_name"]
         params = serving.parameters_from_model_config(json.loads(args["model_config"]))
         try:
+            serving.check_stub_numpy(np.__version__, os.environ)
             self.cfg = serving.serving_config_from_parameters(params, serving.device_for_instance(args), PROJECT_ROOT)
         except serving.ConfigError as e:
             raise pb_utils.TritonModelException(f"model {name!r}: {e}") from None
