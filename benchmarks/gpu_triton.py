@@ -12,7 +12,9 @@ the Python backend):
 4. writes JSON and markdown: p50/p95/p99 per N, pass/fail by benchmarks.md's rule, and the engine-level N* of
    ``docs/benchmarks/gpu_streams.json`` for comparison.
 
-    python benchmarks/gpu_triton.py --streams 120,140 --gpus 0 --out docs/benchmarks/gpu_triton
+    python benchmarks/gpu_triton.py --streams 136,144,152 --gpus 0 --out build/gpu_triton_1gpu
+
+(``docs/benchmarks/gpu_triton.md`` summarizes the committed runs by hand: keep ``--out`` off that name.)
 """
 
 from __future__ import annotations
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", type=Path, default=Path("/tmp/infinisst_paper_dummy"))
     p.add_argument("--repository", type=Path, default=ROOT / "build" / "gpu_triton_repository")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config.pbtxt values")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "gpu_triton")
+    p.add_argument("--out", type=Path, default=ROOT / "build" / "gpu_triton")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     gpus = [int(g) for g in args.gpus.split(",")]
