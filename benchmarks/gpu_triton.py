@@ -23,10 +23,8 @@ import argparse
 import heapq
 import json
 import os
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from client.api import StreamingClient  # noqa: E402
 from client.gen_gpu_repo import write as write_repository  # noqa: E402
+from client.server import TritonServer  # noqa: E402
 
 P95_LIMIT_S, P99_LIMIT_S = 0.5, 1.0
 SAMPLES_PER_UNIT = 15_360
@@ -60,42 +59,6 @@ def ensure_checkpoint(path: Path, layers: int) -> None:
     del model
     torch.cuda.empty_cache()
     print(f"wrote dummy checkpoint {path} in {time.perf_counter() - t:.0f} s", flush=True)
-
-
-class Server:
-    def __init__(self, repository: Path, log: Path, ports: tuple[int, int, int] = (8000, 8001, 8002)):
-        self.http, self.grpc, self.metrics = ports
-        backends = os.environ.get("TRITON_BACKENDS")
-        cmd = ["tritonserver", f"--model-repository={repository}", "--exit-timeout-secs=30"]
-        cmd += [f"--http-port={self.http}", f"--grpc-port={self.grpc}", f"--metrics-port={self.metrics}"]
-        if backends:
-            cmd.append(f"--backend-directory={backends}")
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-        self.log = log
-        self.process = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-
-    def wait_ready(self, model: str, timeout: float = 600.0) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.process.poll() is not None:
-                errors = [line for line in self.log.read_text().splitlines() if line.startswith("E")]
-                raise RuntimeError("tritonserver exited:\n" + "\n".join(errors[:5]))
-            try:
-                url = f"http://127.0.0.1:{self.http}/v2/models/{model}/ready"
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        return time.monotonic() - t0
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"model not ready within {timeout} s:\n{self.log.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 def run_load(url: str, n: int, seconds: float, m: int, seed: int) -> dict:
@@ -214,11 +177,17 @@ def main(argv: list[str] | None = None) -> None:
     }
     overrides.update(dict(item.split("=", 1) for item in args.set))
     write_repository(args.repository, [("infinisst", args.checkpoint.resolve(), "German")], gpus, overrides)
-    server = Server(args.repository, args.out.parent / (args.out.name + "_tritonserver.log"))
+    backends = os.environ.get("TRITON_BACKENDS")  # the folder with the Python backend (device bundle)
+    server = TritonServer(
+        args.repository,
+        args.out.parent / (args.out.name + "_tritonserver.log"),
+        extra_args=["--exit-timeout-secs=30"] + ([f"--backend-directory={backends}"] if backends else []),
+    )
+    server.start()
     trials = []
     try:
-        print(f"model ready in {server.wait_ready('infinisst'):.0f} s", flush=True)
-        url = f"127.0.0.1:{server.grpc}"
+        print(f"model ready in {server.wait_ready(['infinisst'], timeout=600):.0f} s", flush=True)
+        url = server.grpc_url
         run_load(url, min(8, sizes[0]), 5.0, args.m, args.seed)  # warm-up (first prefill/decode shapes)
         for n in sizes:
             t = run_load(url, n, args.seconds, args.m, args.seed + n)

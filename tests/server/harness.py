@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from client import server
 from client.soak import process_cmdlines
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,105 +58,25 @@ def write_repository(dst: Path, models: dict[str, dict[str, str]], triton_idle_s
     return dst
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-class TritonServer:
-    """tritonserver on loopback ports, in its own process group (its Python stubs die with it)."""
+class TritonServer(server.TritonServer):
+    """The venv's tritonserver (scripts/setup.sh's wrapper) on CPU, for the server tests: a model that fails to
+    load does not stop it (one of the tests)."""
 
     def __init__(
         self, repository: Path, log_path: Path, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None
     ):
-        self.repository = repository
-        self.log_path = log_path
-        self.extra_args = list(extra_args)
-        self.env = dict(env or {})  # added to the server's environment
-        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        super().__init__(
+            repository,
+            log_path,
+            binary=TRITONSERVER,
+            extra_args=("--exit-on-error=false", "--log-verbose=0", *extra_args),
+            env={"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})},
+        )
 
     def start(self) -> None:
         if not TRITONSERVER.exists():
             raise RuntimeError(f"{TRITONSERVER} is missing: run `make setup` (scripts/setup.sh) first")
-        command = [
-            str(TRITONSERVER),
-            f"--model-repository={self.repository}",
-            f"--http-port={self.http_port}",
-            f"--grpc-port={self.grpc_port}",
-            f"--metrics-port={self.metrics_port}",
-            "--http-address=127.0.0.1",
-            "--grpc-address=127.0.0.1",
-            "--metrics-address=127.0.0.1",
-            "--exit-on-error=false",  # a model that fails to load is one of the tests
-            "--log-verbose=0",
-            *self.extra_args,
-        ]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", **self.env}
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=ROOT
-            )
-
-    def log(self, tail: int = 4000) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return text[-tail:]
-
-    def wait_ready(self, models: list[str], failing: list[str] = (), timeout: float = 180.0) -> None:
-        """Wait until every model in ``models`` is ready and every one in ``failing`` has failed to load."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                states = {m["name"]: m.get("state") for m in self.model_index()}
-            except OSError:
-                states = {}
-            if all(states.get(m) == "READY" for m in models) and all(states.get(m) == "UNAVAILABLE" for m in failing):
-                return
-            time.sleep(0.25)
-        raise RuntimeError(f"tritonserver not ready within {timeout} s:\n{self.log()}")
-
-    def _http(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method)
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.read()
-
-    def model_index(self) -> list[dict]:
-        return json.loads(self._http("POST", "/v2/repository/index", b"{}"))
-
-    def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.read().decode()
-
-    def stop(self, timeout: float = 40.0) -> int | None:
-        """SIGTERM (Triton's graceful exit), then SIGKILL the whole process group if needed."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        code = self.process.poll()
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # stray stubs of the group, if any
-        except ProcessLookupError:
-            pass
-        self.process.wait()
-        return code
+        super().start()
 
 
 def metric_values(text: str, name: str) -> dict[str, float]:
