@@ -18,8 +18,9 @@ Three checks:
    so an early difference cannot snowball. Per step: ``|logits_fi - logits_torch| / |logits_torch|``, whether
    the argmax agrees and the reference's top-1 - top-2 logit margin; a turn is identical when every step's argmax
    agrees. The streams run long enough for the ``--window`` (1000-token) window to evict (turn-aligned compaction
-   with re-rotation runs on both). Layer 0's K/V depend on nothing the backends compute, so they must be written
-   bit-identically.
+   with re-rotation runs on both). Layer 0's K/V depend on nothing the attention backends compute; they must agree
+   within bf16 rounding (one bf16 ulp of each value, plus one of the layer's RMS): CUDA-graph replays run the
+   projection GEMMs at padded batch sizes, which cuBLAS may round differently (bit-identical without graphs).
    The bf16 noise floor is measured alongside: a third runner (torch attention) runs some streams one at a time,
    so only the batch composition (hence the GEMMs' rounding) differs from the reference.
 2. **Free-running engines.** Two ``Engine``s (torch, flashinfer), the same streams, real greedy decoding (the real
@@ -28,7 +29,7 @@ Three checks:
 3. **No page leak.** After every run, every KV page is back in the pool (greedy and beam 4 streams).
 
 Pass/fail: every check below must hold: >= 99% of teacher-forced turns identical (the acceptance criterion),
-logits error and argmax flips within ``FLOOR_FACTOR`` of the noise floor, layer-0 K/V bit-identical, no page
+logits error and argmax flips within ``FLOOR_FACTOR`` of the noise floor, layer-0 K/V within bf16 rounding, no page
 leak, no stream error. ``--llm dummy`` cannot meet the turn criterion (near-ties); its report also gives the
 verdict on everything else (``passed_except_turn_identity``). ``--llm real`` is the acceptance run.
 
@@ -129,6 +130,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
+def _within_bf16(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
+    """Whether ``a`` equals ``b`` within bf16 rounding: ``|a - b| <= ulp(|b|) + ulp(rms(b))`` element-wise, with
+    ulp(x) = 2**-7 * x (bf16 keeps 8 significant bits). Also the largest error in units of that bound."""
+    a, b = a.double(), b.double()
+    bound = 2.0**-7 * (b.abs() + b.pow(2).mean().sqrt())
+    worst = float(((a - b).abs() / bound.clamp_min(1e-30)).max()) if b.numel() else 0.0
+    return worst <= 1.0, worst
+
+
 def top2_margins(logits: torch.Tensor) -> list[float]:
     """Per row, the top-1 minus top-2 logit (how far the greedy choice is from a tie)."""
     top = logits.float().topk(2, dim=-1).values
@@ -192,7 +202,7 @@ def teacher_forced(model, tokenizer, model_cfg, target: Target, streams: int, ch
     checkpoints: list[list[int]] = [[] for _ in range(streams)]
     fi_cmp, floor_cmp = _Compare(), _Compare()
     evictions = 0
-    layer0_equal = True
+    layer0_close, layer0_ulps = True, 0.0
     for k in range(chunks):
         audio = [(0.1 * rng.standard_normal(SAMPLES_PER_UNIT)).astype(np.float32) for _ in range(streams)]
         speech = ref.encode_speech(caches, audio)  # shared by all paths
@@ -202,7 +212,7 @@ def teacher_forced(model, tokenizer, model_cfg, target: Target, streams: int, ch
         logits_fi = fi.prefill([s[1] for s in seqs], parts)
         logits_solo = {i: alone.prefill([seqs[i][2]], [parts[i]])[0] for i in range(solo)}
         if k == 0:
-            layer0_equal = bool(torch.equal(ref.kv.kv_layers[0], fi.kv.kv_layers[0]))
+            layer0_close, layer0_ulps = _within_bf16(fi.kv.kv_layers[0], ref.kv.kv_layers[0])
         remaining = [lengths.draw(1, 10) for _ in range(streams)]
         fi_same, floor_same = [True] * streams, [True] * solo
         active = list(range(streams))
@@ -240,7 +250,8 @@ def teacher_forced(model, tokenizer, model_cfg, target: Target, streams: int, ch
         "streams": streams,
         "evictions": evictions,
         **fi_cmp.summary(),
-        "layer0_kv_bit_identical": layer0_equal,
+        "layer0_kv_within_bf16": layer0_close,
+        "layer0_kv_max_error_ulps": layer0_ulps,
         "noise_floor": {"streams": solo, **floor_cmp.summary()},
         "pages_leaked": {
             name: r.pool.num_pages - r.pool.num_free
@@ -423,15 +434,15 @@ def make_report(args, target: Target, model_info: dict, forced: dict, free: dict
         <= FLOOR_FACTOR * floor["logits_rel_error_median"],
         "argmax_flips_within_bf16_noise_floor": 1 - forced["step_argmax_agreement"]
         <= FLOOR_FACTOR * (1 - floor["step_argmax_agreement"]) + 0.005,
-        "layer0_kv_bit_identical": forced["layer0_kv_bit_identical"],
+        "layer0_kv_within_bf16": forced["layer0_kv_within_bf16"],
         "no_page_leak": not any(leaks),
         "no_stream_errors": not free["errors"],
     }
     if args.llm == "real":
         rule = (
             f">= {TURN_MATCH_REQUIRED:.0%} of teacher-forced turns identical (the acceptance criterion), and logits "
-            f"error and argmax flips within {FLOOR_FACTOR:g}x the bf16 noise floor, layer-0 K/V bit-identical, no "
-            "page leak, no stream error"
+            f"error and argmax flips within {FLOOR_FACTOR:g}x the bf16 noise floor, layer-0 K/V within bf16 "
+            "rounding, no page leak, no stream error"
         )
     else:
         rule = (
@@ -501,7 +512,8 @@ def markdown(report: dict) -> str:
         f"| noise floor (torch batched vs torch one stream at a time, {floor['turns']} turns): turns identical / "
         f"step agreement / logits rel. error median | {floor['turn_identical_fraction']:.4f} / "
         f"{floor['step_argmax_agreement']:.4f} / {floor['logits_rel_error_median']:.2e} | |",
-        f"| layer-0 K/V bit-identical | {forced['layer0_kv_bit_identical']} | {checks['layer0_kv_bit_identical']} |",
+        f"| layer-0 K/V within bf16 rounding (max error {forced['layer0_kv_max_error_ulps']:.2f} ulps) | "
+        f"{forced['layer0_kv_within_bf16']} | {checks['layer0_kv_within_bf16']} |",
         f"| free-running engines: turns identical ({free['turns']} turns, {free['turn_tokens_mean']:.1f} tokens per "
         f"turn, {free['empty_turn_fraction']:.0%} empty) | {free['turn_identical_fraction']:.4f} | (informational) |",
         f"| pages leaked (torch / {candidate} / solo runners, engines torch / {candidate} / beam 4) | {leaks} | "
