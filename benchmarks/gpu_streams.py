@@ -492,9 +492,16 @@ class _TrialEvents:
         return None
 
 
-def sweep(bench: Bench, setting: Setting, scheduling: str, start: int, budget_s: float, seed: int) -> dict:
+def sweep(
+    bench: Bench, setting: Setting, scheduling: str, start: int, budget_s: float, seed: int, confirm: int = 0
+) -> dict:
     """Bracket N*: up by x1.5 while trials pass, down by x0.67 while they fail, then bisect; within budget_s
-    (and before the run's --time-limit)."""
+    (and before the run's --time-limit).
+
+    ``confirm``: then repeat the trial at N* with other seeds until it has passed ``confirm`` more times; a repeat
+    that fails makes that N a fail, and N* falls back to the largest N below it that passed (repeated in turn).
+    Near the knee the p95 is flat, so one trial can pass or fail by noise; ``confirmed`` says whether N* held.
+    """
     limit = bench.memory_limit(setting)
     deadline = min(time.perf_counter() + budget_s, bench.deadline)
     if time.perf_counter() + 10.0 > bench.deadline:
@@ -524,7 +531,27 @@ def sweep(bench: Bench, setting: Setting, scheduling: str, start: int, budget_s:
         if time.perf_counter() + min(bench.args.seconds, r["wall_s"] * max(1.0, nxt / n)) > deadline:
             break
         n = nxt
-    return {"n_star": good, "first_fail": bad, "memory_limit": limit, "trials": trials}
+    passes_at_star = 0
+    while confirm and good and passes_at_star < confirm:
+        if time.perf_counter() + bench.args.seconds > deadline:
+            break
+        r = run_trial(bench, setting, good, scheduling, seed + len(trials))
+        r["repeat"] = True
+        trials.append(r)
+        _print_trial(setting, r)
+        if r["passes"]:
+            passes_at_star += 1
+            continue
+        bad = good if bad is None else min(bad, good)
+        good = max((t["streams"] for t in trials if t["passes"] and t["streams"] < good), default=0)
+        passes_at_star = 0
+    return {
+        "n_star": good,
+        "first_fail": bad,
+        "memory_limit": limit,
+        "trials": trials,
+        "confirmed": bool(confirm) and passes_at_star >= confirm,
+    }
 
 
 def _print_trial(setting: Setting, r: dict) -> None:
@@ -715,6 +742,13 @@ def write_report(report: dict, out: Path) -> None:
             f"{s['p95_chunk_latency_s'] if s['p95_chunk_latency_s'] is not None else '-'} | "
             f"{s['memory_limit_streams']} | {_fraction(s['n_star'], s['memory_limit_streams'])} |"
         )
+    confirmed = [name for name, s in report["settings"].items() if s.get("n_star_confirmed")]
+    if report["options"].get("confirm"):
+        lines += [
+            "",
+            "N\\* held in " + f"{report['options']['confirm']} repeated trial(s) with other seeds (`--confirm`): "
+            f"{', '.join(confirmed) or 'none'}; a failed repeat made that N a fail.",
+        ]
     lines += ["", "## Trials", "", "| setting | scheduling | N | p50 | p95 | p99 | CA delay p95 | busy | pass |"]
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for name, s in report["settings"].items():
@@ -722,8 +756,9 @@ def write_report(report: dict, out: Path) -> None:
             for r in s["sweeps"][sched]["trials"]:
                 if r.get("reason") == "memory":
                     continue
+                n = f"{r['streams']}{' (repeat)' if r.get('repeat') else ''}"
                 lines.append(
-                    f"| {name} | {sched} | {r['streams']} | {_f(r['p50_s'])} | {_f(r['p95_s'])} | {_f(r['p99_s'])} | "
+                    f"| {name} | {sched} | {n} | {_f(r['p50_s'])} | {_f(r['p95_s'])} | {_f(r['p99_s'])} | "
                     f"{_f(r['ca_delay_p95_s'])} | {r['busy_fraction']:.2f} | "
                     f"{'yes' if r['passes'] else 'no' + (' (' + r['aborted'] + ')' if r['aborted'] else '')} |"
                 )
@@ -824,6 +859,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-parts", action="store_true")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--confirm", type=int, default=0, help="repeat the trial at N* until it passed this many more times"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the harness, no figures")
     parser.add_argument("--merge", nargs="+", metavar="RUN_JSON", help="pool earlier runs' trials (no GPU needed)")
     return parser.parse_args(argv)
@@ -936,7 +974,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, setting in enumerate(settings):
         seed = args.seed + 1000 * i
         budget = per_setting * (1 - args.static_share)
-        it = sweep(bench, setting, "iteration", starts.get(setting.name, 64), budget, seed)
+        it = sweep(bench, setting, "iteration", starts.get(setting.name, 64), budget, seed, args.confirm)
         st_start = static_starts.get(setting.name, max(1, (it["n_star"] or 0) // 2))
         st = {"n_star": None, "first_fail": None, "trials": []}
         if args.static_share > 0:
@@ -948,6 +986,7 @@ def main(argv: list[str] | None = None) -> None:
             "beam": setting.beam,
             "n_star": it["n_star"],
             "n_star_first_fail": it["first_fail"],
+            "n_star_confirmed": it.get("confirmed", False),
             "static_n_star": st["n_star"],
             "naive_n_star": naive[setting.name]["naive_n_star"] if naive else None,
             "p95_chunk_latency_s": round(at_star["p95_s"], 4) if at_star else None,
