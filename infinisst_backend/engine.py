@@ -282,7 +282,7 @@ class Engine:
         ]
         parts = [(p.prefix_ids, emb, p.suffix_ids) for p, emb in zip(prompts, speech)]
         logits = self.runner.prefill([s.kv for s in streams], parts)
-        for i, (stream, prompt, chunk) in enumerate(zip(streams, prompts, chunks)):
+        for stream, prompt, chunk in zip(streams, prompts, chunks):
             if stream.turns_done == 0:
                 stream.system_len = prompt.system_len
             max_new = stream.max_new_tokens
@@ -293,15 +293,19 @@ class Engine:
             )
             stream.turn = Turn(chunk, decoder, rows=[stream.kv], tokens=[])
             stream.kv = None  # the turn's rows own the cache until the turn ends
-            self._guarded(stream, self._advance, stream, logits[i : i + 1])
+        self._step_turns(streams, logits, list(range(len(streams) + 1)))  # one row per stream after a prefill
         self._flush_compactions()
 
     def _run_decode(self, streams: list[Stream]) -> None:
         rows = [row for s in streams for row in s.turn.rows]
         tokens = [tok for s in streams for tok in s.turn.tokens]
         logits = self.runner.decode(rows, tokens)
-        offsets = list(itertools.accumulate((len(s.turn.rows) for s in streams), initial=0))
-        # Greedy streams (one row each) take one batched decoding step; beams step per stream.
+        self._step_turns(streams, logits, list(itertools.accumulate((len(s.turn.rows) for s in streams), initial=0)))
+        self._flush_compactions()
+
+    def _step_turns(self, streams: list[Stream], logits: torch.Tensor, offsets: list[int]) -> None:
+        """One decoding step of each stream's turn from its rows ``logits[offsets[i] : offsets[i + 1]]``: greedy
+        streams (one row each) in one batched step (one device-to-host transfer), beams stream by stream."""
         greedy = [i for i, s in enumerate(streams) if isinstance(s.turn.decoder, GreedyTurn)]
         steps = dict(zip(greedy, self._greedy_steps([streams[i] for i in greedy], logits, offsets, greedy)))
         for i, stream in enumerate(streams):
@@ -309,7 +313,6 @@ class Engine:
                 self._guarded(stream, self._apply, stream, steps[i])
             else:
                 self._guarded(stream, self._advance, stream, logits[offsets[i] : offsets[i + 1]])
-        self._flush_compactions()
 
     def _flush_compactions(self) -> None:
         """Run the evictions of the turns that ended in this step as one batched compaction.
