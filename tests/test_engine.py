@@ -354,3 +354,32 @@ def test_prefill_waits_for_a_fuller_batch_while_decodes_run(bundle):
     step = engine.scheduler.schedule(streams(), hint, later)  # full (max_batch_size 3): at once
     assert step.phase == PREFILL and [s.id for s in step.streams] == [1, 2, 3]
     engine.run_until_idle()
+
+
+def test_a_prefill_steps_its_greedy_streams_in_one_batch(bundle, monkeypatch):
+    """After a prefill, the greedy streams' first tokens come from one batched greedy_step (one device-to-host
+    transfer for the step), the beam stream steps on its own, and every stream's output is what it gets alone."""
+    import infinisst_backend.engine as engine_module
+
+    rng = np.random.default_rng(12)
+    audio = {i: random_audio(rng, 0.96) for i in range(4)}
+    decodings = {0: GREEDY, 1: DecodingConfig(beam_size=2), 2: GREEDY, 3: GREEDY}
+    engine = make_engine(bundle, batch_timeout_s=0.0, max_batch_size=8)
+    for i, decoding in decodings.items():
+        engine.open_stream(i, "German", 1, decoding)
+        engine.add_audio(i, audio[i], tag="a", end=True)
+    engine._apply_inbox()
+    step = engine.scheduler.schedule(list(engine._streams.values()), engine._system_len_hint, 1e9)
+    assert step.phase == PREFILL and sorted(s.id for s in step.streams) == [0, 1, 2, 3]
+    batches = []
+    real = engine_module.greedy_step
+    monkeypatch.setattr(
+        engine_module, "greedy_step", lambda turns, logits: (batches.append(len(turns)), real(turns, logits))[1]
+    )
+    engine._run_prefill(step.streams)
+    assert batches == [3]
+    monkeypatch.undo()
+    engine.run_until_idle()
+    for i, decoding in decodings.items():
+        got, alone = collect(engine.events, i), run_alone(bundle, audio[i], "German", 1, decoding)
+        assert got["turns"] == alone["turns"] and got["text"] == alone["text"] and not got["errors"], i
