@@ -23,6 +23,7 @@ import argparse
 import heapq
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from client.api import StreamingClient  # noqa: E402
 from client.gen_gpu_repo import write as write_repository  # noqa: E402
-from client.server import TritonServer  # noqa: E402
+from client.server import TritonServer, metric_values  # noqa: E402
 
 P95_LIMIT_S, P99_LIMIT_S = 0.5, 1.0
 SAMPLES_PER_UNIT = 15_360
@@ -121,6 +122,18 @@ def run_load(url: str, n: int, seconds: float, m: int, seed: int) -> dict:
     return out
 
 
+def _tokens_by_instance(server: TritonServer) -> dict[str, float]:
+    """``infinisst_generated_tokens_total`` per model instance (the instance name of its labels)."""
+    values = metric_values(server.metrics(), "infinisst_generated_tokens_total")
+    return {re.search(r'instance="([^"]+)"', k).group(1): v for k, v in values.items() if "instance=" in k}
+
+
+def _shares(trial: dict) -> str:
+    tokens = trial.get("generated_tokens_by_instance") or {}
+    total = sum(tokens.values())
+    return " / ".join(f"{name} {v / total:.0%}" for name, v in sorted(tokens.items())) if total else "-"
+
+
 def write_report(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
@@ -136,14 +149,14 @@ def write_report(report: dict, out: Path) -> None:
         "Chunk latency as the client sees it: from sending a chunk's request to its FINAL. Pass: p95 <= 0.5 s, "
         "p99 <= 1.0 s, every chunk answered, no error.",
         "",
-        "| streams | p50 (s) | p95 (s) | p99 (s) | max (s) | chunks | errors | pass |",
-        "|---|---|---|---|---|---|---|---|",
+        "| streams | p50 (s) | p95 (s) | p99 (s) | max (s) | chunks | errors | pass | tokens by instance |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in report["trials"]:
         lines.append(
             f"| {t['streams']} | {t.get('p50_s', 0):.3f} | {t.get('p95_s', 0):.3f} | {t.get('p99_s', 0):.3f} | "
             f"{t.get('max_s', 0):.3f} | {t['chunks_done']}/{t['chunks_expected']} | "
-            f"{t['errors'] + t['failed_streams']} | {'yes' if t['passes'] else 'no'} |"
+            f"{t['errors'] + t['failed_streams']} | {'yes' if t['passes'] else 'no'} | {_shares(t)} |"
         )
     lines += ["", f"Largest N that passed here: {report['n_star_triton']}."]
     if report.get("engine_n_star") and report.get("ratio_to_engine") is not None:
@@ -190,12 +203,16 @@ def main(argv: list[str] | None = None) -> None:
         url = server.grpc_url
         run_load(url, min(8, sizes[0]), 5.0, args.m, args.seed)  # warm-up (first prefill/decode shapes)
         for n in sizes:
+            before = _tokens_by_instance(server)
             t = run_load(url, n, args.seconds, args.m, args.seed + n)
+            after = _tokens_by_instance(server)
+            # How Triton spread the load: target tokens each instance generated during the trial.
+            t["generated_tokens_by_instance"] = {k: v - before.get(k, 0.0) for k, v in after.items()}
             trials.append(t)
             print(
                 f"  N={n}: p50 {t.get('p50_s', 0):.3f} p95 {t.get('p95_s', 0):.3f} p99 {t.get('p99_s', 0):.3f} "
                 f"chunks {t['chunks_done']}/{t['chunks_expected']} errors {t['errors']} "
-                f"{'PASS' if t['passes'] else 'FAIL'}",
+                f"{'PASS' if t['passes'] else 'FAIL'}, tokens by instance {_shares(t)}",
                 flush=True,
             )
     finally:

@@ -37,6 +37,16 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """Samples of one metric from Prometheus text: {label string: value}."""
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            head, _, value = line.rpartition(" ")
+            values[head[len(name) :]] = float(value)
+    return values
+
+
 class TritonServer:
     """One tritonserver on free loopback ports.
 

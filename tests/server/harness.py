@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from client import server
+from client.server import metric_values
 from client.soak import process_cmdlines
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,16 +78,6 @@ class TritonServer(server.TritonServer):
         if not TRITONSERVER.exists():
             raise RuntimeError(f"{TRITONSERVER} is missing: run `make setup` (scripts/setup.sh) first")
         super().start()
-
-
-def metric_values(text: str, name: str) -> dict[str, float]:
-    """Samples of one metric from Prometheus text: {label string: value}."""
-    values = {}
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            head, _, value = line.rpartition(" ")
-            values[head[len(name) :]] = float(value)
-    return values
 
 
 def model_gauge(server: TritonServer, name: str, model: str = "infinisst") -> float | None:
