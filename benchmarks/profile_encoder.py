@@ -4,7 +4,10 @@ Builds the wav2vec 2.0 Large frontend with random bf16 weights, brings ``--batch
 window full), then times one chunk per stream (eager and, with ``--graphs``, through :class:`EncoderGraphs`) and
 prints the CUDA kernels that take the time (torch.profiler), grouped by name:
 
-    python benchmarks/profile_encoder.py --batch 1,8,32 --m 1 --graphs
+    python benchmarks/profile_encoder.py --batch 1,8,32 --m 1 --graphs [--fused]
+
+``--fused`` also times the experiment ``speech_encoder.FUSED_ATTENTION`` (one fused attention kernel) on the same
+streams, and prints its error against the reference arithmetic on an offline pass.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from infinisst_backend import speech_encoder  # noqa: E402
 from infinisst_backend.config import SpeechEncoderConfig  # noqa: E402
 from infinisst_backend.encoder_graphs import EncoderGraphs  # noqa: E402
 from infinisst_backend.speech_encoder import SAMPLES_PER_UNIT, SpeechFrontend  # noqa: E402
@@ -57,6 +61,7 @@ def main() -> None:
     p.add_argument("--m", type=int, default=1)
     p.add_argument("--graphs", action="store_true", help="also time the CUDA-graph path")
     p.add_argument("--top", type=int, default=18)
+    p.add_argument("--fused", action="store_true", help="also time speech_encoder.FUSED_ATTENTION (experiment)")
     args = p.parse_args()
     torch.manual_seed(0)
     cfg = SpeechEncoderConfig()
@@ -64,30 +69,46 @@ def main() -> None:
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, cudnn {torch.backends.cudnn.version()}")
     print(f"encoder params {sum(x.numel() for x in frontend.parameters()) / 1e6:.0f} M, m={args.m}")
     rng = np.random.default_rng(0)
+    modes = [False, True] if args.fused else [False]
+    if args.fused:
+        samples = torch.from_numpy((0.1 * rng.standard_normal(SAMPLES_PER_UNIT * 20)).astype("f4")).cuda()
+        with torch.inference_mode():
+            reference = frontend.encode_full(samples, args.m).double()
+            speech_encoder.FUSED_ATTENTION = True
+            fused = frontend.encode_full(samples, args.m).double()
+            speech_encoder.FUSED_ATTENTION = False
+        rel = float((fused - reference).norm() / reference.norm())
+        print(f"fused vs reference attention, 20 chunks offline: relative error {rel:.2e}", flush=True)
     chunk = torch.from_numpy((0.1 * rng.standard_normal(SAMPLES_PER_UNIT * args.m)).astype("f4")).cuda()
     batches = [int(b) for b in args.batch.split(",")]
-    pool = frontend.new_pool(max(batches))
-    graphs = EncoderGraphs(frontend, pool, max(batches), [args.m]) if args.graphs else None
     warm = math.ceil(cfg.max_cache_frames / (cfg.block_size * args.m)) + 1
-    with torch.inference_mode():
-        for b in batches:
-            caches = [frontend.new_cache(args.m, pool) for _ in range(b)]
-            for _ in range(warm):
-                frontend.encode_chunks(caches, [chunk] * b)
+    for fused in modes:
+        speech_encoder.FUSED_ATTENTION = fused  # graphs capture the attention of the mode they were captured in
+        print(f"--- attention: {'fused (experiment)' if fused else 'reference'}", flush=True)
+        pool = frontend.new_pool(max(batches))
+        graphs = EncoderGraphs(frontend, pool, max(batches), [args.m]) if args.graphs else None
+        with torch.inference_mode():
+            for b in batches:
+                caches = [frontend.new_cache(args.m, pool) for _ in range(b)]
+                for _ in range(warm):
+                    frontend.encode_chunks(caches, [chunk] * b)
 
-            def eager(caches=caches, b=b):
-                frontend.encode_chunks(caches, [chunk] * b)
+                def eager(caches=caches, b=b):
+                    frontend.encode_chunks(caches, [chunk] * b)
 
-            def graphed(caches=caches, b=b):
-                frontend.encode_chunks(caches, [chunk] * b, graphs=graphs)
+                def graphed(caches=caches, b=b, graphs=graphs):
+                    frontend.encode_chunks(caches, [chunk] * b, graphs=graphs)
 
-            line = f"batch {b}: eager {median_ms(eager):.2f} ms"
-            if graphs is not None:
-                line += f", graphed {median_ms(graphed):.2f} ms"
-            print(line, flush=True)
-            print(kernel_table(eager, args.top), flush=True)
-            for c in caches:
-                c.release()
+                line = f"batch {b}: eager {median_ms(eager):.2f} ms"
+                if graphs is not None:
+                    line += f", graphed {median_ms(graphed):.2f} ms"
+                print(line, flush=True)
+                print(kernel_table(eager, args.top), flush=True)
+                for c in caches:
+                    c.release()
+        graphs = pool = None
+        torch.cuda.empty_cache()
+    speech_encoder.FUSED_ATTENTION = False
 
 
 if __name__ == "__main__":

@@ -212,6 +212,11 @@ class HalfRotary(nn.Module):
 # RoPE positions of (the first query, the first key): ints, or per-stream [S, 1] tensors.
 _Positions = tuple[int | Tensor, int | Tensor]
 
+# EXPERIMENT, off: the chunk attention as one fused kernel (F.scaled_dot_product_attention: scores and softmax never
+# materialized, in the kernel's own precision) instead of the reference arithmetic (bf16 scores, fp32 softmax).
+# `benchmarks/profile_encoder.py --fused` times both on a GPU; the served path stays the reference until then.
+FUSED_ATTENTION = False
+
 
 class SelfAttention(nn.Module):
     """fairseq MultiheadAttention names; RoPE on q (after scaling) and on all keys, per call."""
@@ -248,6 +253,12 @@ class SelfAttention(nn.Module):
             v = torch.cat((past[1], v), dim=2)
         # Compact positions by default: keys 0..C+T-1, queries C..C+T-1 (rotate_queries_with_cached_keys).
         q_pos, k_pos = positions if positions is not None else (k.shape[2] - length, 0)
+        if FUSED_ATTENTION:
+            mask = bias.to(q.dtype).expand(batch, 1, *bias.shape[-2:])  # q is scaled already: scale 1
+            out = F.scaled_dot_product_attention(
+                self.rotary_emb(q, q_pos), self.rotary_emb(k, k_pos), v, attn_mask=mask, scale=1.0
+            )
+            return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim)), new_k, new_v
         scores = self.rotary_emb(q, q_pos) @ self.rotary_emb(k, k_pos).transpose(-1, -2)  # [S, H, T, C+T]
         scores = scores + bias
         probs = torch.softmax(scores.to(_accumulate_dtype(scores.dtype)), dim=-1).to(v.dtype)

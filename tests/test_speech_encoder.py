@@ -414,3 +414,22 @@ def test_cnn_tail_is_the_receptive_overlap_for_layer_norm_only():
     for seed in range(3):
         grouped.encode_chunk(cache, audio(SAMPLES_PER_UNIT, seed=seed))
         assert cache.audio_tail.numel() == 399 + 320 * 48
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_fused_attention_experiment_matches_the_reference(monkeypatch, m):
+    """The switch speech_encoder.FUSED_ATTENTION (off; an experiment for GPUs) computes the same attention with one
+    fused kernel: in float64 it equals the reference arithmetic, streaming (masked young windows, full ones) and
+    offline, and the caches it writes are the same."""
+    from infinisst_backend import speech_encoder
+
+    model = build()
+    samples = audio(SAMPLES_PER_UNIT * (5 * m) + 777, seed=3)  # past the 100-frame window, a partial last chunk
+    reference, ref_cache = stream(model, samples, m)
+    full_reference = model.encode_full(samples, m)
+    monkeypatch.setattr(speech_encoder, "FUSED_ATTENTION", True)
+    fused, fused_cache = stream(model, samples, m)
+    torch.testing.assert_close(torch.cat(fused), torch.cat(reference), rtol=0, atol=1e-10)
+    torch.testing.assert_close(model.encode_full(samples, m), full_reference, rtol=0, atol=1e-10)
+    for a, b in zip(fused_cache.keys + fused_cache.values, ref_cache.keys + ref_cache.values):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
