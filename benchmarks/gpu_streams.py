@@ -742,11 +742,11 @@ def write_report(report: dict, out: Path) -> None:
             f"{s['p95_chunk_latency_s'] if s['p95_chunk_latency_s'] is not None else '-'} | "
             f"{s['memory_limit_streams']} | {_fraction(s['n_star'], s['memory_limit_streams'])} |"
         )
-    confirmed = [name for name, s in report["settings"].items() if s.get("n_star_confirmed")]
     if report["options"].get("confirm"):
+        confirmed = [name for name, s in report["settings"].items() if s.get("n_star_confirmed")]
         lines += [
             "",
-            "N\\* held in " + f"{report['options']['confirm']} repeated trial(s) with other seeds (`--confirm`): "
+            f"N\\* held in {report['options']['confirm']} repeated trial(s) with other seeds (`--confirm`): "
             f"{', '.join(confirmed) or 'none'}; a failed repeat made that N a fail.",
         ]
     lines += ["", "## Trials", "", "| setting | scheduling | N | p50 | p95 | p99 | CA delay p95 | busy | pass |"]

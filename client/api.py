@@ -376,10 +376,13 @@ class StreamingClient:
             for stream in streams:
                 stream._abort(error)
 
-    def _undecodable(self, response, e: Exception) -> None:
-        key = response.infer_response.id.partition("/")[0]
+    def _stream_of(self, key: str) -> AudioStream | None:
+        """The open stream whose request ids start with ``key`` ("<key>/<request index>")."""
         with self._lock:
-            stream = self._streams.get(int(key)) if key.isdigit() else None
+            return self._streams.get(int(key)) if key.isdigit() else None
+
+    def _undecodable(self, response, e: Exception) -> None:
+        stream = self._stream_of(response.infer_response.id.partition("/")[0])
         logger.exception("cannot read a response of stream %s", getattr(stream, "sequence_id", "?"))
         if stream is not None:
             stream._abort(ServerError(f"INTERNAL: the client cannot read a response: {type(e).__name__}: {e}"))
@@ -387,8 +390,7 @@ class StreamingClient:
     def _dispatch(self, response, infer_result_type) -> None:
         infer = response.infer_response
         key, _, index = infer.id.partition("/")
-        with self._lock:
-            stream = self._streams.get(int(key)) if key.isdigit() else None
+        stream = self._stream_of(key)
         if stream is None or not index.isdigit():
             return
         request_index = int(index)

@@ -253,17 +253,14 @@ class SelfAttention(nn.Module):
             v = torch.cat((past[1], v), dim=2)
         # Compact positions by default: keys 0..C+T-1, queries C..C+T-1 (rotate_queries_with_cached_keys).
         q_pos, k_pos = positions if positions is not None else (k.shape[2] - length, 0)
+        q, k = self.rotary_emb(q, q_pos), self.rotary_emb(k, k_pos)
         if FUSED_ATTENTION:
-            mask = bias.to(q.dtype).expand(batch, 1, *bias.shape[-2:])  # q is scaled already: scale 1
-            out = F.scaled_dot_product_attention(
-                self.rotary_emb(q, q_pos), self.rotary_emb(k, k_pos), v, attn_mask=mask, scale=1.0
-            )
-            return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim)), new_k, new_v
-        scores = self.rotary_emb(q, q_pos) @ self.rotary_emb(k, k_pos).transpose(-1, -2)  # [S, H, T, C+T]
-        scores = scores + bias
-        probs = torch.softmax(scores.to(_accumulate_dtype(scores.dtype)), dim=-1).to(v.dtype)
-        out = (probs @ v).transpose(1, 2).reshape(batch, length, dim)
-        return self.out_proj(out), new_k, new_v
+            mask = bias.to(q.dtype).expand(batch, 1, *bias.shape[-2:])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # q is scaled already
+        else:
+            scores = q @ k.transpose(-1, -2) + bias  # [S, H, T, C+T]
+            out = torch.softmax(scores.to(_accumulate_dtype(scores.dtype)), dim=-1).to(v.dtype) @ v
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim)), new_k, new_v
 
 
 class EncoderLayer(nn.Module):

@@ -127,7 +127,7 @@ def _tiny_tokenizer():
     return tokenizer
 
 
-def _tiny_model(device: str = "cuda"):
+def _tiny_model():
     from infinisst_backend.model import InfiniSSTModel
 
     speech = SpeechEncoderConfig(
@@ -159,7 +159,7 @@ def _tiny_model(device: str = "cuda"):
     )
     cfg = ModelConfig(speech_encoder=speech, llm=llm, prompt=prompt, dtype="bfloat16")
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device("cuda"):
         model = InfiniSSTModel(cfg)
     model.llm.rope.inv_freq = model.llm.rope.inv_freq.cpu()  # a plain CPU tensor, which the context moved
     return model.to(torch.bfloat16).eval(), cfg
