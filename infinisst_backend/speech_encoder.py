@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import window_kernel
 from .config import SAMPLES_PER_UNIT, SpeechEncoderConfig
 from .errors import CapacityError
 
@@ -164,46 +165,61 @@ class InterleavedRotary(nn.Module):
     reference, which rounds positions above 256).
     """
 
+    interleaved = True
+
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         exponents = torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim
         self.freqs = nn.Parameter(1.0 / theta**exponents, requires_grad=False)
 
+    def tables(self, offset: int | Tensor, length: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin) [..., length, D/2] of positions offset..offset+length-1 for inputs like ``like``, in the dtype
+        that multiplies them (the freqs')."""
+        if isinstance(offset, Tensor):
+            positions = _rope_positions(offset, length).to(like.dtype)
+        else:
+            positions = torch.arange(length, device=like.device, dtype=like.dtype) + offset
+        angles = positions.to(self.freqs.dtype)[..., None] * self.freqs  # [..., T, D/2]
+        return angles.cos(), angles.sin()
+
     def forward(self, x: Tensor, offset: int | Tensor) -> Tensor:
         """x [..., T, D] -> rotated x, positions offset..offset+T-1 (a tensor offset: :func:`_rope_positions`)."""
-        if isinstance(offset, Tensor):
-            positions = _rope_positions(offset, x.shape[-2]).to(x.dtype)
-        else:
-            positions = torch.arange(x.shape[-2], device=x.device, dtype=x.dtype) + offset
-        angles = positions.to(self.freqs.dtype)[..., None] * self.freqs  # [..., T, D/2]
         # f0 f0 f1 f1 ...: repeat_interleave's values, by expand (pure device ops, as a CUDA graph needs).
-        angles = angles[..., None].expand(*angles.shape, 2).flatten(-2)  # [..., T, D]
+        cos, sin = (t[..., None].expand(*t.shape, 2).flatten(-2) for t in self.tables(offset, x.shape[-2], x))
         pairs = x.unflatten(-1, (-1, 2))
         turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (a, b) -> (-b, a)
-        return (x * angles.cos() + turned * angles.sin()).to(x.dtype)
+        return (x * cos + turned * sin).to(x.dtype)
 
 
 class HalfRotary(nn.Module):
     """HF ``rotate_half`` semantics: dim i pairs with dim i + D/2, angle pos * theta^(-2i/D); cos/sin in >= fp32."""
+
+    interleaved = False
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
 
+    def tables(self, offset: int | Tensor, length: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin) [..., length, D/2] of positions offset..offset+length-1 for inputs like ``like``, computed in
+        >= fp32 and rounded to the inputs' dtype, which multiplies them."""
+        acc = _accumulate_dtype(like.dtype)
+        exponents = torch.arange(0, self.head_dim, 2, device=like.device, dtype=acc) / self.head_dim
+        inv_freq = 1.0 / self.theta**exponents
+        if isinstance(offset, Tensor):
+            positions = _rope_positions(offset, length).to(acc)
+        else:
+            positions = torch.arange(offset, offset + length, device=like.device, dtype=acc)
+        angles = positions[..., None] * inv_freq  # [..., T, D/2]
+        return angles.cos().to(like.dtype), angles.sin().to(like.dtype)
+
     def forward(self, x: Tensor, offset: int | Tensor) -> Tensor:
         """x [..., T, D] -> rotated x, positions offset..offset+T-1 (a tensor offset: :func:`_rope_positions`)."""
-        acc = _accumulate_dtype(x.dtype)
-        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, device=x.device, dtype=acc) / self.head_dim)
-        if isinstance(offset, Tensor):
-            positions = _rope_positions(offset, x.shape[-2]).to(acc)
-        else:
-            positions = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=acc)
-        angles = positions[..., None] * inv_freq  # [..., T, D/2]
-        angles = torch.cat((angles, angles), dim=-1)  # [..., T, D]
+        cos, sin = (torch.cat((t, t), dim=-1) for t in self.tables(offset, x.shape[-2], x))  # [..., T, D]
         first, second = x.chunk(2, dim=-1)
         turned = torch.cat((-second, first), dim=-1)
-        return x * angles.cos().to(x.dtype) + turned * angles.sin().to(x.dtype)
+        return x * cos + turned * sin
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,6 +232,30 @@ _Positions = tuple[int | Tensor, int | Tensor]
 # materialized, in the kernel's own precision) instead of the reference arithmetic (bf16 scores, fp32 softmax).
 # `benchmarks/profile_encoder.py --fused` times both on a GPU; the served path stays the reference until then.
 FUSED_ATTENTION = False
+
+# The cached window's keys and values built by one Triton kernel (gather, concatenation and key RoPE in one pass,
+# :mod:`.window_kernel`) wherever it runs (CUDA, Triton installed); bit for bit the reference arithmetic below.
+WINDOW_KERNEL = True
+
+
+@dataclass(frozen=True)
+class RingWindow:
+    """A layer's cached window, still in the pool: ``rows`` [S, C] of layer ``layer`` of ``pool``, oldest first."""
+
+    pool: SpeechCachePool
+    layer: int
+    rows: Tensor
+
+    def gather(self) -> tuple[Tensor, Tensor]:
+        """(k, v) [S, H, C, D], un-rotated copies."""
+        return self.pool.gather(self.layer, self.rows)
+
+    def layer_kv(self) -> tuple[Tensor, Tensor]:
+        """The layer's whole K and V storage, [slots * W, H, D] each."""
+        return self.pool.data[self.layer, 0], self.pool.data[self.layer, 1]
+
+
+_Past = tuple[Tensor, Tensor] | RingWindow
 
 
 class SelfAttention(nn.Module):
@@ -234,8 +274,9 @@ class SelfAttention(nn.Module):
         rotary = InterleavedRotary if cfg.rope_variant == "interleaved" else HalfRotary
         self.rotary_emb = rotary(self.head_dim, cfg.rope_theta)
 
-    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None, bias: Tensor, positions: _Positions | None = None):
-        """x [S, T, E]; past (k, v) [S, H, C, D] un-rotated, or None; bias [T, C+T] or [S, 1, T, C+T].
+    def forward(self, x: Tensor, past: _Past | None, bias: Tensor, positions: _Positions | None = None):
+        """x [S, T, E]; past (k, v) [S, H, C, D] un-rotated, a :class:`RingWindow` of C cached frames, or None; bias
+        [T, C+T] or [S, 1, T, C+T].
 
         ``positions`` (query offset, key offset), each an int or a per-stream [S, 1] tensor, are the RoPE positions
         of the first query and the first key; by default (C, 0): compact positions, the oldest key at 0.
@@ -247,13 +288,23 @@ class SelfAttention(nn.Module):
         q = self.q_proj(x) * self.scaling
         new_k, new_v = (p(x).view(batch, length, self.num_heads, self.head_dim) for p in (self.k_proj, self.v_proj))
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = new_k.transpose(1, 2), new_v.transpose(1, 2)
-        if past is not None:
-            k = torch.cat((past[0], k), dim=2)
-            v = torch.cat((past[1], v), dim=2)
+        cached = 0 if past is None else past.rows.shape[1] if isinstance(past, RingWindow) else past[0].shape[2]
         # Compact positions by default: keys 0..C+T-1, queries C..C+T-1 (rotate_queries_with_cached_keys).
-        q_pos, k_pos = positions if positions is not None else (k.shape[2] - length, 0)
-        q, k = self.rotary_emb(q, q_pos), self.rotary_emb(k, k_pos)
+        q_pos, k_pos = positions if positions is not None else (cached, 0)
+        if isinstance(past, RingWindow) and WINDOW_KERNEL and window_kernel.usable(new_k, self.head_dim):
+            cos, sin = self.rotary_emb.tables(k_pos, cached + length, new_k)
+            k, v = window_kernel.window_keys_values(
+                *past.layer_kv(), past.rows, new_k, new_v, cos, sin, self.rotary_emb.interleaved
+            )
+        else:
+            if isinstance(past, RingWindow):
+                past = past.gather()
+            k, v = new_k.transpose(1, 2), new_v.transpose(1, 2)
+            if past is not None:
+                k = torch.cat((past[0], k), dim=2)
+                v = torch.cat((past[1], v), dim=2)
+            k = self.rotary_emb(k, k_pos)
+        q = self.rotary_emb(q, q_pos)
         if FUSED_ATTENTION:
             mask = bias.to(q.dtype).expand(batch, 1, *bias.shape[-2:])
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # q is scaled already
@@ -274,7 +325,7 @@ class EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.embed_dim)
         self.final_layer_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None, bias: Tensor, positions: _Positions | None = None):
+    def forward(self, x: Tensor, past: _Past | None, bias: Tensor, positions: _Positions | None = None):
         attn, k, v = self.self_attn(self.self_attn_layer_norm(x), past, bias, positions)
         x = x + attn
         hidden = self.fc1(self.final_layer_norm(x))
@@ -292,11 +343,11 @@ class TransformerEncoder(nn.Module):
         self,
         x: Tensor,
         bias: Tensor,
-        past: Callable[[int], tuple[Tensor, Tensor]] | None = None,
+        past: Callable[[int], _Past] | None = None,
         positions: _Positions | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """x [S, T, E]; ``past(i)`` gives layer i's cached (k, v) [S, H, C, D], or None for no cache: it is called
-        layer by layer, so only one layer's copy of the cache is alive at a time. ``positions``: see
+        """x [S, T, E]; ``past(i)`` gives layer i's cached (k, v) [S, H, C, D] or :class:`RingWindow`, or None for no
+        cache: it is called layer by layer, so only one layer's copy of the cache is alive at a time. ``positions``: see
         :meth:`SelfAttention.forward`.
 
         Returns (x, per layer the chunk's (k, v) [S, T, H, D]).
@@ -741,7 +792,7 @@ class SpeechFrontend(nn.Module):
         """The encoder pass of a group: audio [S, tail + chunk] -> (embeddings [S, T/4, llm_hidden], per layer the
         chunk's (k, v) [S, T, H, D]), each layer's cached window gathered from ``pool`` at ``read_rows``."""
         x = self.speech_encoder.frames(audio, num_new)  # [S, T, E]
-        past = partial(pool.gather, rows=read_rows) if read_rows is not None else None
+        past = partial(RingWindow, pool, rows=read_rows) if read_rows is not None else None
         x, present = self.speech_encoder.encoder(x, bias, past, positions)
         return self.proj(self.length_shrink(x)), present
 

@@ -339,6 +339,61 @@ def test_encoder_cuda_graphs_match_eager():
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("variant", ["interleaved", "half"])
+def test_window_kernel_is_bit_exact_in_bf16(monkeypatch, variant):
+    """The speech encoder's window kernel (gather + concatenation + key RoPE in one Triton kernel, on by default)
+    gives the reference path's bits in bf16 on the GPU: embeddings and caches of a streaming run where a young stream
+    shares batches with full windows, eagerly and through the encoder's CUDA graphs."""
+    pytest.importorskip("triton")
+    from infinisst_backend import speech_encoder, window_kernel
+    from infinisst_backend.encoder_graphs import EncoderGraphs
+    from infinisst_backend.speech_encoder import SpeechFrontend
+
+    cfg = SpeechEncoderConfig(
+        conv_layers=[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2,
+        embed_dim=256,
+        num_layers=2,
+        num_heads=4,  # head_dim 64
+        ffn_dim=256,
+        max_cache_frames=96,
+        rope_variant=variant,
+    )
+    torch.manual_seed(0)
+    frontend = SpeechFrontend(cfg, 128).to("cuda", torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(1)
+    chunks = [0.1 * torch.randn(SAMPLES_PER_UNIT * 6, generator=gen) for _ in range(3)]
+    calls = []
+    real = window_kernel.window_keys_values
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(window_kernel, "window_keys_values", counting)
+
+    def run(graphed: bool):
+        pool = frontend.new_pool(4)
+        graphs = EncoderGraphs(frontend, pool, max_batch=4, multipliers=[1]) if graphed else None
+        caches = [frontend.new_cache(1, pool) for _ in chunks]
+        outs = []
+        for k in range(6):
+            live = [i for i in range(3) if k >= 2 * (i == 2)]  # stream 2 starts two chunks late
+            xs = [chunks[i][(k - 2 * (i == 2)) * SAMPLES_PER_UNIT :][:SAMPLES_PER_UNIT] for i in live]
+            outs.extend(frontend.encode_chunks([caches[i] for i in live], xs, graphs=graphs))
+        torch.cuda.synchronize()
+        return outs, torch.cat([torch.stack(c.keys + c.values) for c in caches])
+
+    fast, fast_graphed = run(False), run(True)
+    assert calls
+    monkeypatch.setattr(speech_encoder, "WINDOW_KERNEL", False)
+    calls.clear()
+    slow, slow_graphed = run(False), run(True)
+    assert not calls
+    for (outs, cache), (ref_outs, ref_cache) in ((fast, slow), (fast_graphed, slow_graphed)):
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(outs, ref_outs))
+        assert torch.equal(_bits(cache), _bits(ref_cache))
+
+
 def test_runner_encodes_speech_through_graphs():
     """ModelRunner captures the encoder graphs on CUDA and encode_speech (numpy chunks) replays them once streams are
     past the window; the embeddings match the eager path."""

@@ -1,0 +1,178 @@
+"""One GPU kernel that builds a speech-encoder layer's attention keys and values from the ring cache (Triton).
+
+The reference path of :class:`~infinisst_backend.speech_encoder.SelfAttention` makes a layer's keys and values in
+about eight passes over the window, several of them in fp32: gather the cached frames from the pool, transpose,
+concatenate the chunk's frames, then RoPE on every key (pair swap, negation, two products, a sum, a cast). At serving
+batch sizes that data movement, not the matmuls, is what the encoder spends its time on
+(``docs/benchmarks/profile_encoder.txt``). :func:`window_keys_values` does all of it in one pass: each program reads
+a tile of frames (from the pool rows, or from the chunk's new keys for the last T frames), rotates the keys and
+writes K and V in the matmul's layout [S, H, C+T, D].
+
+The result is bit for bit the reference's: the kernel takes the rotary's cos/sin tables as the reference computes
+them (:meth:`~infinisst_backend.speech_encoder.InterleavedRotary.tables`), applies the same products in the same
+dtypes (fp32 products, or products rounded to the model dtype when the tables are in it) and adds them without a
+fused multiply-add (``enable_fp_fusion=False``), as the reference's separate kernels do.
+
+Triton is imported on first use: the package runs on CPU without it, and :func:`usable` says False there. Under
+Triton's CPU interpreter (``TRITON_INTERPRET=1``, before the first call) the kernel runs on CPU tensors: the tests
+check it that way without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def window_kv(
+        pool_k,  # [R, H*D]: one layer's cached keys, un-rotated
+        pool_v,  # [R, H*D]
+        rows,  # [S, C] int64: ring rows of the cached frames, oldest first
+        new_k,  # [S, T, H*D]: the chunk's keys, un-rotated
+        new_v,  # [S, T, H*D]
+        cos,  # [S or 1, L, D/2]
+        sin,  # [S or 1, L, D/2]
+        out_k,  # [S, H, L, D]: rotated
+        out_v,  # [S, H, L, D]
+        C,
+        T,
+        table_stride,  # cos/sin elements per stream (0: one table for all)
+        H: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK: tl.constexpr,
+        INTERLEAVED: tl.constexpr,  # pairs (2i, 2i+1), else (i, i + D/2)
+        ROUND_PRODUCTS: tl.constexpr,  # tables in the model dtype: each product rounded to it, as the reference
+    ):
+        block, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        length = C + T
+        t = block * BLOCK + tl.arange(0, BLOCK)  # key index in the window, [BLOCK]
+        d = tl.arange(0, D)
+        if INTERLEAVED:
+            partner = d ^ 1
+            sign = tl.where(d % 2 == 0, -1.0, 1.0)
+            angle = d // 2
+        else:
+            partner = (d + D // 2) % D
+            sign = tl.where(d < D // 2, -1.0, 1.0)
+            angle = d % (D // 2)
+        cached = t < C
+        fresh = (t >= C) & (t < length)
+        row = tl.load(rows + s.to(tl.int64) * C + t, mask=cached, other=0)
+        old = row[:, None] * (H * D) + h * D  # [BLOCK, 1]
+        new = (s.to(tl.int64) * T + (t - C))[:, None] * (H * D) + h * D
+        m_old, m_new = cached[:, None], fresh[:, None]
+
+        k = tl.load(pool_k + old + d[None, :], mask=m_old, other=0.0)
+        k = tl.where(m_new, tl.load(new_k + new + d[None, :], mask=m_new, other=0.0), k)
+        kp = tl.load(pool_k + old + partner[None, :], mask=m_old, other=0.0)
+        kp = tl.where(m_new, tl.load(new_k + new + partner[None, :], mask=m_new, other=0.0), kp)
+        v = tl.load(pool_v + old + d[None, :], mask=m_old, other=0.0)
+        v = tl.where(m_new, tl.load(new_v + new + d[None, :], mask=m_new, other=0.0), v)
+
+        in_window = (t < length)[:, None]
+        table = s.to(tl.int64) * table_stride + t[:, None] * (D // 2) + angle[None, :]
+        c = tl.load(cos + table, mask=in_window, other=0.0)
+        sn = tl.load(sin + table, mask=in_window, other=0.0)
+        turned = kp.to(tl.float32) * sign[None, :]  # exact: a negation or nothing
+        a = k.to(tl.float32) * c.to(tl.float32)
+        b = turned * sn.to(tl.float32)
+        if ROUND_PRODUCTS:
+            a = a.to(out_k.dtype.element_ty).to(tl.float32)
+            b = b.to(out_k.dtype.element_ty).to(tl.float32)
+        rotated = (a + b).to(out_k.dtype.element_ty)
+
+        out = (s.to(tl.int64) * H + h) * length * D + t[:, None] * D + d[None, :]
+        tl.store(out_k + out, rotated, mask=in_window)
+        tl.store(out_v + out, v, mask=in_window)
+
+    return window_kv
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1``): the kernel then runs on CPU tensors too (tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def usable(x: Tensor, head_dim: int) -> bool:
+    """Whether :func:`window_keys_values` runs for tensors like ``x``: a CUDA tensor (any tensor under Triton's
+    interpreter) of a supported dtype, a power-of-two head dim, and Triton importable."""
+    shape_ok = x.dtype in _DTYPES and head_dim >= 2 and head_dim & (head_dim - 1) == 0
+    return (x.is_cuda or interpreting()) and shape_ok and _triton_importable()
+
+
+def window_keys_values(
+    pool_k: Tensor,
+    pool_v: Tensor,
+    rows: Tensor,
+    new_k: Tensor,
+    new_v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    interleaved: bool,
+    block: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """A layer's rotated keys and values over the cached window and the chunk.
+
+    ``pool_k``/``pool_v`` [R, H, D]: the layer's un-rotated cache (the pool's K and V of that layer); ``rows`` [S, C]
+    the ring rows of each stream's cached frames in order; ``new_k``/``new_v`` [S, T, H, D] (contiguous) the chunk's
+    un-rotated keys and values; ``cos``/``sin`` [L, D/2] (one table for all streams) or [S, ..., L, D/2] (L = C + T)
+    the rotary tables of the key positions.
+
+    Returns (k, v), each [S, H, L, D] contiguous in the chunk's dtype: k = RoPE(cat(cached, new)), v = cat(cached,
+    new), as :class:`~infinisst_backend.speech_encoder.SelfAttention`'s reference path computes them.
+    """
+    batch, length, heads, dim = new_k.shape
+    cached = rows.shape[1]
+    total = cached + length
+    if cos.shape[-2:] != (total, dim // 2) or sin.shape != cos.shape or cos[..., 0, 0].numel() not in (1, batch):
+        raise ValueError(f"rotary tables {tuple(cos.shape)} do not fit {total} keys of head dim {dim}")
+    if rows.shape[0] != batch or pool_k.shape[1:] != (heads, dim) or pool_v.shape != pool_k.shape:
+        raise ValueError("pool, rows and chunk shapes do not match")
+    new_k, new_v = new_k.contiguous(), new_v.contiguous()
+    cos, sin = (t.reshape(-1, total, dim // 2).contiguous() for t in (cos, sin))
+    stride = 0 if cos.shape[0] == 1 else total * (dim // 2)
+    rows = rows.contiguous()
+    k = torch.empty(batch, heads, total, dim, dtype=new_k.dtype, device=new_k.device)
+    v = torch.empty_like(k)
+    grid = (-(-total // block), heads, batch)
+    _kernel()[grid](
+        pool_k,
+        pool_v,
+        rows,
+        new_k,
+        new_v,
+        cos,
+        sin,
+        k,
+        v,
+        cached,
+        length,
+        stride,
+        H=heads,
+        D=dim,
+        BLOCK=block,
+        INTERLEAVED=interleaved,
+        ROUND_PRODUCTS=cos.dtype == new_k.dtype,
+        enable_fp_fusion=False,
+    )
+    return k, v

@@ -1,0 +1,123 @@
+"""The speech encoder's window kernel (:mod:`infinisst_backend.window_kernel`), run by Triton's CPU interpreter.
+
+On a GPU the same kernel is compiled; ``tests/test_gpu.py`` checks it there bit for bit in bf16. The interpreter rounds
+fp32 -> bf16 by truncation where the GPU rounds to nearest even, so on CPU bf16 results may differ from the reference
+by a few units in the last place; fp32 is checked exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infinisst_backend import speech_encoder, window_kernel
+from infinisst_backend.config import SAMPLES_PER_UNIT
+from infinisst_backend.speech_encoder import HalfRotary, InterleavedRotary
+from tests.test_speech_encoder import audio, build, tiny_config
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Kernels built from here on run in Triton's interpreter (on CPU tensors)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    window_kernel._kernel.cache_clear()
+    yield
+    window_kernel._kernel.cache_clear()
+
+
+def reference(pool_k, pool_v, rows, new_k, new_v, rotary, key_offset):
+    """The reference path's arithmetic: gather, concatenate, RoPE on every key."""
+    k = torch.cat((pool_k[rows].transpose(1, 2), new_k.transpose(1, 2)), dim=2)
+    v = torch.cat((pool_v[rows].transpose(1, 2), new_v.transpose(1, 2)), dim=2)
+    return rotary(k, key_offset), v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_cls", [InterleavedRotary, HalfRotary])
+@pytest.mark.parametrize("per_stream", [False, True])
+def test_kernel_equals_the_reference_arithmetic(interpreted, dtype, rotary_cls, per_stream):
+    """Rotated keys and values over ring rows in any order plus the chunk's frames, with one rotary table for all
+    streams or one per stream (young streams' negative key offsets), for both RoPE layouts."""
+    gen = torch.Generator().manual_seed(0)
+    streams, heads, dim, cached, new, slots = 3, 2, 16, 20, 6, 5
+    rotary = rotary_cls(dim, 10_000.0).to(dtype)
+    pool_k, pool_v = (torch.randn(slots * cached, heads, dim, generator=gen).to(dtype) for _ in range(2))
+    rows = torch.stack([torch.randperm(slots * cached, generator=gen)[:cached] for _ in range(streams)])
+    new_k, new_v = (torch.randn(streams, new, heads, dim, generator=gen).to(dtype) for _ in range(2))
+    offset = torch.tensor([[-3], [0], [-17]]) if per_stream else 0
+    cos, sin = rotary.tables(offset, cached + new, new_k)  # [S, 1, L, D/2] per stream (k [S, H, L, D]) or [L, D/2]
+
+    k, v = window_kernel.window_keys_values(pool_k, pool_v, rows, new_k, new_v, cos, sin, rotary.interleaved)
+    want_k, want_v = reference(pool_k, pool_v, rows, new_k, new_v, rotary, offset)
+    assert k.shape == v.shape == (streams, heads, cached + new, dim) and k.is_contiguous() and v.is_contiguous()
+    assert torch.equal(v, want_v)
+    if dtype == torch.float32:
+        assert torch.equal(k, want_k)
+    else:  # the interpreter truncates where the GPU rounds to nearest: a few units in the last place at most
+        torch.testing.assert_close(k.float(), want_k.float(), rtol=2**-6, atol=2**-5)
+
+
+def test_kernel_rejects_mismatched_shapes(interpreted):
+    pool = torch.zeros(40, 2, 8)
+    rows = torch.zeros(2, 10, dtype=torch.long)
+    new = torch.zeros(2, 4, 2, 8)
+    cos = torch.zeros(14, 4)
+    with pytest.raises(ValueError, match="rotary tables"):
+        window_kernel.window_keys_values(pool, pool, rows, new, new, cos[:13], cos[:13], True)
+    with pytest.raises(ValueError, match="shapes"):
+        window_kernel.window_keys_values(pool, pool, rows[:1], new, new, cos, cos, True)
+
+
+def test_usable_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not window_kernel.usable(torch.zeros(2), 64)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert window_kernel.usable(torch.zeros(2), 64)
+    assert not window_kernel.usable(torch.zeros(2), 48)  # not a power of two
+    assert not window_kernel.usable(torch.zeros(2, dtype=torch.float64), 64)
+
+
+@pytest.mark.parametrize("variant", ["interleaved", "half"])
+def test_streaming_encoder_through_the_kernel_equals_the_reference(interpreted, monkeypatch, variant):
+    """A whole streaming run in fp32 with the kernel (the default where it runs) equals the reference path bit for
+    bit: young streams batched with old ones (per-stream positions), full windows, a partial last chunk."""
+    model = build(tiny_config(rope_variant=variant), dtype=torch.float32)
+    chunks = [audio(SAMPLES_PER_UNIT * 7 + 555, seed=s) for s in (3, 4)]
+
+    def run() -> tuple[list[torch.Tensor], list]:
+        caches = [model.new_cache(1) for _ in chunks]
+        outs = []
+        for i in range(0, chunks[0].numel(), SAMPLES_PER_UNIT):
+            # stream 1 starts three chunks late: its young windows share a batch with stream 0's full ones
+            live = [c for c, start in zip(range(2), (0, 3 * SAMPLES_PER_UNIT)) if i >= start]
+            got = model.encode_chunks(
+                [caches[c] for c in live],
+                [chunks[c][i - (3 * SAMPLES_PER_UNIT if c else 0) :][:SAMPLES_PER_UNIT] for c in live],
+            )
+            outs.extend(got)
+        return outs, caches
+
+    calls = []
+    monkeypatch.setattr(window_kernel, "window_keys_values", _counting(window_kernel.window_keys_values, calls))
+    fast, fast_caches = run()
+    assert calls, "the kernel did not run"
+    monkeypatch.setattr(speech_encoder, "WINDOW_KERNEL", False)
+    calls.clear()
+    slow, slow_caches = run()
+    assert not calls
+    assert len(fast) == len(slow)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+    for a, b in zip(fast_caches, slow_caches):
+        for x, y in zip(a.keys + a.values, b.keys + b.values):
+            assert torch.equal(x, y)
+
+
+def _counting(fn, calls: list):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapper
