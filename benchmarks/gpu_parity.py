@@ -91,6 +91,7 @@ class Target:
     window: int
     max_streams: int
     cuda_graphs: bool = True  # the engine's default
+    round_probs: bool = False  # the torch reference rounds softmax probabilities to the model dtype (TorchAttention)
 
     @property
     def smoke(self) -> bool:
@@ -195,6 +196,8 @@ def teacher_forced(model, tokenizer, model_cfg, target: Target, streams: int, ch
     solo_pages = target.pages(2048, max(1, solo), 1, system_len)
     alone = ModelRunner(model, target.config("torch", solo_pages), solo_pages)
     runners = (ref, fi, alone)
+    for runner in (ref, alone):
+        runner.attn.round_probs = target.round_probs
     rng = np.random.default_rng(seed)
     lengths = TurnLengths(seed)
     caches = [model.speech.new_cache(1) for _ in range(streams)]
@@ -212,7 +215,8 @@ def teacher_forced(model, tokenizer, model_cfg, target: Target, streams: int, ch
         logits_fi = fi.prefill([s[1] for s in seqs], parts)
         logits_solo = {i: alone.prefill([seqs[i][2]], [parts[i]])[0] for i in range(solo)}
         if k == 0:
-            layer0_close, layer0_ulps = _within_bf16(fi.kv.kv_layers[0], ref.kv.kv_layers[0])
+            ref_kv0 = ref.kv.kv_layers[0]  # the candidate's pool may hold CUDA-graph scratch pages after these
+            layer0_close, layer0_ulps = _within_bf16(fi.kv.kv_layers[0][: ref_kv0.shape[0]], ref_kv0)
         remaining = [lengths.draw(1, 10) for _ in range(streams)]
         fi_same, floor_same = [True] * streams, [True] * solo
         active = list(range(streams))
@@ -267,6 +271,8 @@ def run_engine(
     system_len = PromptBuilder(tokenizer, model_cfg.prompt).first_turn("German", 1).system_len
     pages = target.pages(8192, streams, beam, system_len)
     engine = Engine(model, tokenizer, model_cfg, target.config(backend, pages))
+    if backend == "torch":
+        engine.runner.attn.round_probs = target.round_probs
     rng = np.random.default_rng(seed)
     for i in range(streams):
         engine.open_stream(i, "German", 1, DecodingConfig(beam_size=beam))
@@ -399,6 +405,19 @@ def main() -> None:
     parser.add_argument("--solo", type=int, default=4, help="streams also run one at a time (noise floor)")
     parser.add_argument("--window", type=int, default=WINDOW, help="LLM cache window in tokens (eviction)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="run the FlashInfer side's decode steps eagerly (the torch side is always eager): separates the graphs' "
+        "padded-batch GEMMs from FlashInfer's own arithmetic",
+    )
+    parser.add_argument(
+        "--reference-probs",
+        choices=("float32", "model"),
+        default="float32",
+        help="the torch reference's softmax probabilities: kept in float32, or rounded to the model dtype before "
+        "they weight the values (as flash kernels do)",
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_parity.py needs a CUDA GPU (or --device cpu for a smoke run of the harness)")
@@ -407,6 +426,8 @@ def main() -> None:
         args.dtype,
         args.window,
         max_streams=64 if args.device == "cuda" else args.streams + 2,
+        cuda_graphs=not args.no_cuda_graphs,
+        round_probs=args.reference_probs == "model",
     )
     out = Path(args.out or default_out(args.llm, target.smoke))
     t0 = time.perf_counter()
@@ -457,8 +478,13 @@ def make_report(args, target: Target, model_info: dict, forced: dict, free: dict
         "smoke_run": target.smoke,
         "device": target.device,
         "dtype": target.dtype,
-        "logits": "as served: float32 from the LM head GEMM on CUDA; CUDA graphs on (the engine's default)",
-        "attention": {"reference": "torch", "candidate": target.candidate},
+        "logits": "as served: float32 from the LM head GEMM on CUDA; "
+        + ("CUDA graphs on (the engine's default)" if target.cuda_graphs else "CUDA graphs off (eager decode steps)"),
+        "attention": {
+            "reference": "torch",
+            "reference_probs": "model dtype" if target.round_probs else "float32",
+            "candidate": target.candidate,
+        },
         "window": target.window,
         "environment": gpu_info(target.device),
         "layers": model_info["layers"],
@@ -492,8 +518,8 @@ def markdown(report: dict) -> str:
         ]
     lines += [
         f"{env['gpu']}, torch {env['torch']}, FlashInfer {env.get('flashinfer', '-')}; {info['text']}; greedy m=1, "
-        f"{report['window']}-token window; logits: {report['logits']}. Reference: torch attention; candidate: "
-        f"{candidate}.",
+        f"{report['window']}-token window; logits: {report['logits']}. Reference: torch attention (softmax "
+        f"probabilities in {report['attention']['reference_probs']}); candidate: {candidate}.",
         "",
         f"Command: `{report['command']}`",
         "",

@@ -118,12 +118,16 @@ class AttentionBackend:
 class TorchAttention(AttentionBackend):
     """Reference implementation: gathers each sequence's pages and runs masked softmax attention.
 
-    Scores and softmax are computed in float32 (float64 for float64 inputs). Prefill steps take one Python
-    iteration per sequence; decode-only steps gather all sequences' pages at once, padded to the longest.
+    Scores and softmax are computed in float32 (float64 for float64 inputs). With ``round_probs`` the probabilities
+    are rounded to the inputs' dtype before they weight the values (products and sums still in float32), as flash
+    kernels (FlashInfer's among them) and HF's eager attention do for half-precision models; float32 and float64
+    inputs are unaffected. Prefill steps take one Python iteration per sequence; decode-only steps gather all
+    sequences' pages at once, padded to the longest.
     """
 
-    def __init__(self, scale: float | None = None):
+    def __init__(self, scale: float | None = None, round_probs: bool = False):
         self.scale = scale  # None: head_dim ** -0.5
+        self.round_probs = round_probs
         self._batch: AttentionBatch | None = None
         self._write_page: Tensor | None = None  # [T] page of each new token
         self._write_offset: Tensor | None = None  # [T] offset in that page
@@ -185,7 +189,7 @@ class TorchAttention(AttentionBackend):
         qg = q.to(compute).view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
         scores = torch.einsum("bhgd,bkhd->bhgk", qg, keys.to(compute)) * scale  # [B, Hkv, G, K]
         scores = scores.masked_fill(~self._padded_mask[:, None, None, :], float("-inf"))
-        out = torch.einsum("bhgk,bkhd->bhgd", scores.softmax(dim=-1), values.to(compute))
+        out = torch.einsum("bhgk,bkhd->bhgd", self._probs(scores, q.dtype), values.to(compute))
         return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
@@ -198,6 +202,9 @@ class TorchAttention(AttentionBackend):
         qg = q.to(compute).view(num_q, num_kv_heads, group, head_dim)
         scores = torch.einsum("qhgd,khd->hgqk", qg, keys.to(compute)) * scale  # [Hkv, G, Q, K]
         scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1)
-        out = torch.einsum("hgqk,khd->qhgd", probs, values.to(compute))  # [Q, Hkv, G, D]
+        out = torch.einsum("hgqk,khd->qhgd", self._probs(scores, q.dtype), values.to(compute))  # [Q, Hkv, G, D]
         return out.reshape(num_q, num_heads, head_dim).to(q.dtype)
+
+    def _probs(self, scores: Tensor, dtype: torch.dtype) -> Tensor:
+        probs = scores.softmax(dim=-1)
+        return probs.to(dtype).to(probs.dtype) if self.round_probs else probs

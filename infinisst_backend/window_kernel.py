@@ -129,7 +129,8 @@ def window_keys_values(
     cos: Tensor,
     sin: Tensor,
     interleaved: bool,
-    block: int = 64,
+    block: int = 16,
+    num_warps: int = 2,
 ) -> tuple[Tensor, Tensor]:
     """A layer's rotated keys and values over the cached window and the chunk.
 
@@ -174,5 +175,6 @@ def window_keys_values(
         INTERLEAVED=interleaved,
         ROUND_PRODUCTS=cos.dtype == new_k.dtype,
         enable_fp_fusion=False,
+        num_warps=num_warps,
     )
     return k, v
