@@ -91,7 +91,7 @@ class Target:
     window: int
     max_streams: int
     cuda_graphs: bool = True  # the engine's default
-    round_probs: bool = False  # the torch reference rounds softmax probabilities to the model dtype (TorchAttention)
+    flash_rounding: bool = False  # the torch reference rounds its softmax as flash kernels do (TorchAttention)
 
     @property
     def smoke(self) -> bool:
@@ -154,9 +154,11 @@ class _Compare:
         self.steps: list[bool] = []
         self.margins: list[float] = []  # the reference's top-1 - top-2 margin per step
         self.turns: list[bool] = []
+        self.tags: list[tuple[str, str]] = []  # per step: (prefill or decode, before or after its first eviction)
 
-    def add(self, logits: torch.Tensor, ref: torch.Tensor, margin: float) -> bool:
+    def add(self, logits: torch.Tensor, ref: torch.Tensor, margin: float, tags: tuple[str, str]) -> bool:
         self.errors.append(_rel(logits, ref))
+        self.tags.append(tags)
         same = bool(logits.argmax() == ref.argmax())
         self.steps.append(same)
         self.margins.append(margin)
@@ -178,6 +180,13 @@ class _Compare:
             f"ref_near_tie_fraction (margin < {NEAR_TIE})": float(np.mean(margins < NEAR_TIE)),
             "argmax_flips": int(flipped.size),
             "ref_margin_at_flips_max": float(flipped.max()) if flipped.size else None,
+            # where the error comes from: the median over the steps of each kind, and their count
+            "logits_rel_error_median_by_step": {
+                tag: {"median": float(np.median(errors[mask])), "steps": int(mask.sum())}
+                for position, tag in ((0, "prefill"), (0, "decode"), (1, "before_eviction"), (1, "after_eviction"))
+                for mask in [np.array([t[position] == tag.split("_")[0] for t in self.tags], dtype=bool)]
+                if mask.any()
+            },
         }
 
 
@@ -197,7 +206,7 @@ def teacher_forced(model, tokenizer, model_cfg, target: Target, streams: int, ch
     alone = ModelRunner(model, target.config("torch", solo_pages), solo_pages)
     runners = (ref, fi, alone)
     for runner in (ref, alone):
-        runner.attn.round_probs = target.round_probs
+        runner.attn.flash_rounding = target.flash_rounding
     rng = np.random.default_rng(seed)
     lengths = TurnLengths(seed)
     caches = [model.speech.new_cache(1) for _ in range(streams)]
@@ -205,6 +214,7 @@ def teacher_forced(model, tokenizer, model_cfg, target: Target, streams: int, ch
     checkpoints: list[list[int]] = [[] for _ in range(streams)]
     fi_cmp, floor_cmp = _Compare(), _Compare()
     evictions = 0
+    evicted = [False] * streams
     layer0_close, layer0_ulps = True, 0.0
     for k in range(chunks):
         audio = [(0.1 * rng.standard_normal(SAMPLES_PER_UNIT)).astype(np.float32) for _ in range(streams)]
@@ -218,14 +228,16 @@ def teacher_forced(model, tokenizer, model_cfg, target: Target, streams: int, ch
             ref_kv0 = ref.kv.kv_layers[0]  # the candidate's pool may hold CUDA-graph scratch pages after these
             layer0_close, layer0_ulps = _within_bf16(fi.kv.kv_layers[0][: ref_kv0.shape[0]], ref_kv0)
         remaining = [lengths.draw(1, 10) for _ in range(streams)]
+        turn_lengths = list(remaining)
         fi_same, floor_same = [True] * streams, [True] * solo
         active = list(range(streams))
         while True:
             margins = top2_margins(logits_ref)
             for row, i in enumerate(active):
-                fi_same[i] &= fi_cmp.add(logits_fi[row], logits_ref[row], margins[row])
+                tags = ("decode" if remaining[i] < turn_lengths[i] else "prefill", "after" if evicted[i] else "before")
+                fi_same[i] &= fi_cmp.add(logits_fi[row], logits_ref[row], margins[row], tags)
                 if i < solo:
-                    floor_same[i] &= floor_cmp.add(logits_solo[i], logits_ref[row], margins[row])
+                    floor_same[i] &= floor_cmp.add(logits_solo[i], logits_ref[row], margins[row], tags)
                 remaining[i] -= 1
             tokens = logits_ref.argmax(-1).tolist()
             nxt = [(row, i) for row, i in enumerate(active) if remaining[i] > 0]  # the last token is never fed
@@ -247,6 +259,7 @@ def teacher_forced(model, tokenizer, model_cfg, target: Target, streams: int, ch
                     if seq.num_tokens:
                         runner.compact(seq, system_len, cut)
                 evictions += 1
+                evicted[i] = True
     for triple in seqs:
         for seq in triple:
             seq.release()
@@ -272,7 +285,7 @@ def run_engine(
     pages = target.pages(8192, streams, beam, system_len)
     engine = Engine(model, tokenizer, model_cfg, target.config(backend, pages))
     if backend == "torch":
-        engine.runner.attn.round_probs = target.round_probs
+        engine.runner.attn.flash_rounding = target.flash_rounding
     rng = np.random.default_rng(seed)
     for i in range(streams):
         engine.open_stream(i, "German", 1, DecodingConfig(beam_size=beam))
@@ -412,11 +425,11 @@ def main() -> None:
         "padded-batch GEMMs from FlashInfer's own arithmetic",
     )
     parser.add_argument(
-        "--reference-probs",
-        choices=("float32", "model"),
+        "--reference-rounding",
+        choices=("float32", "flash"),
         default="float32",
-        help="the torch reference's softmax probabilities: kept in float32, or rounded to the model dtype before "
-        "they weight the values (as flash kernels do)",
+        help="the torch reference's softmax weights: float32, or rounded as flash kernels round them (the "
+        "unnormalized weights in the model dtype; TorchAttention.flash_rounding)",
     )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -427,7 +440,7 @@ def main() -> None:
         args.window,
         max_streams=64 if args.device == "cuda" else args.streams + 2,
         cuda_graphs=not args.no_cuda_graphs,
-        round_probs=args.reference_probs == "model",
+        flash_rounding=args.reference_rounding == "flash",
     )
     out = Path(args.out or default_out(args.llm, target.smoke))
     t0 = time.perf_counter()
@@ -444,6 +457,16 @@ def main() -> None:
     verdict = "SMOKE RUN (no verdict)" if target.smoke else ("PASS" if report["passed"] else "FAIL")
     print(f"parity [{model_info['title']}] {verdict} in {report['elapsed_s']:.0f} s: {report['checks']}")
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+def _by_step(forced: dict, floor: dict) -> str:
+    """'prefill 1.2e-02 / 3.0e-03 (40 steps), ...' from the two summaries' per-kind medians."""
+    out = []
+    for kind, got in forced["logits_rel_error_median_by_step"].items():
+        base = floor["logits_rel_error_median_by_step"].get(kind)
+        base_text = f"{base['median']:.2e}" if base else "-"
+        out.append(f"{kind.replace('_', ' ')} {got['median']:.2e} / {base_text} ({got['steps']} steps)")
+    return "; ".join(out)
 
 
 def make_report(args, target: Target, model_info: dict, forced: dict, free: dict, elapsed_s: float) -> dict:
@@ -482,7 +505,7 @@ def make_report(args, target: Target, model_info: dict, forced: dict, free: dict
         + ("CUDA graphs on (the engine's default)" if target.cuda_graphs else "CUDA graphs off (eager decode steps)"),
         "attention": {
             "reference": "torch",
-            "reference_probs": "model dtype" if target.round_probs else "float32",
+            "reference_softmax": "flash rounding" if target.flash_rounding else "float32",
             "candidate": target.candidate,
         },
         "window": target.window,
@@ -519,7 +542,7 @@ def markdown(report: dict) -> str:
     lines += [
         f"{env['gpu']}, torch {env['torch']}, FlashInfer {env.get('flashinfer', '-')}; {info['text']}; greedy m=1, "
         f"{report['window']}-token window; logits: {report['logits']}. Reference: torch attention (softmax "
-        f"probabilities in {report['attention']['reference_probs']}); candidate: {candidate}.",
+        f"weights: {report['attention']['reference_softmax']}); candidate: {candidate}.",
         "",
         f"Command: `{report['command']}`",
         "",
@@ -532,6 +555,7 @@ def markdown(report: dict) -> str:
         f"| logits rel. error median / p99 / max | {forced['logits_rel_error_median']:.2e} / "
         f"{forced['logits_rel_error_p99']:.2e} / {forced['logits_rel_error_max']:.2e} | "
         f"{checks['logits_error_within_bf16_noise_floor']} |",
+        f"| logits rel. error median by step, candidate / noise floor: {_by_step(forced, floor)} | | |",
         f"| reference top-1 - top-2 logit margin: median / 5th percentile / steps below {NEAR_TIE} / largest at a "
         f"flip | {forced['ref_top2_margin_median']:.3f} / {forced['ref_top2_margin_p05']:.3f} / {forced[near]:.4f} / "
         f"{_fmt(forced['ref_margin_at_flips_max'])} | |",

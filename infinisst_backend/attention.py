@@ -118,16 +118,18 @@ class AttentionBackend:
 class TorchAttention(AttentionBackend):
     """Reference implementation: gathers each sequence's pages and runs masked softmax attention.
 
-    Scores and softmax are computed in float32 (float64 for float64 inputs). With ``round_probs`` the probabilities
-    are rounded to the inputs' dtype before they weight the values (products and sums still in float32), as flash
-    kernels (FlashInfer's among them) and HF's eager attention do for half-precision models; float32 and float64
-    inputs are unaffected. Prefill steps take one Python iteration per sequence; decode-only steps gather all
-    sequences' pages at once, padded to the longest.
+    Scores and softmax are computed in float32 (float64 for float64 inputs). With ``flash_rounding`` a half-precision
+    input's softmax rounds the way flash kernels (FlashInfer's among them) round it: the unnormalized weights
+    ``exp(s - max)`` are rounded to the inputs' dtype before they weight the values, and the normalizer sums them
+    unrounded (products and sums still in float32); float32 and float64 inputs are unaffected.
+
+    Prefill steps take one Python iteration per sequence; decode-only steps gather all sequences' pages at once,
+    padded to the longest.
     """
 
-    def __init__(self, scale: float | None = None, round_probs: bool = False):
+    def __init__(self, scale: float | None = None, flash_rounding: bool = False):
         self.scale = scale  # None: head_dim ** -0.5
-        self.round_probs = round_probs
+        self.flash_rounding = flash_rounding
         self._batch: AttentionBatch | None = None
         self._write_page: Tensor | None = None  # [T] page of each new token
         self._write_offset: Tensor | None = None  # [T] offset in that page
@@ -206,5 +208,7 @@ class TorchAttention(AttentionBackend):
         return out.reshape(num_q, num_heads, head_dim).to(q.dtype)
 
     def _probs(self, scores: Tensor, dtype: torch.dtype) -> Tensor:
-        probs = scores.softmax(dim=-1)
-        return probs.to(dtype).to(probs.dtype) if self.round_probs else probs
+        if not self.flash_rounding or dtype.itemsize >= 4:
+            return scores.softmax(dim=-1)
+        weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()
+        return weights.to(dtype).to(weights.dtype) / weights.sum(dim=-1, keepdim=True)

@@ -463,3 +463,43 @@ def test_fused_projections_keep_outputs_and_state_dict(name):
         layer.self_attn.k_proj.weight.data_ptr()
         == layer.self_attn.qkv.weight[layer.self_attn.qkv.sizes[0] :].data_ptr()
     )
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_torch_attention_flash_rounding(decode):
+    """TorchAttention(flash_rounding=True) rounds the unnormalized softmax weights to bf16 before they weight the
+    values and normalizes with their unrounded sum (a flash kernel's arithmetic); float32 inputs are unaffected."""
+    gen = torch.Generator().manual_seed(3)
+    page, heads, kv_heads, dim = 4, 4, 2, 8
+    qo_lens, ctx_lens = ([1, 1], [5, 9]) if decode else ([3, 2], [4, 0])
+    kv_lens = [q + c for q, c in zip(qo_lens, ctx_lens)]
+    tables = [[0, 1, 2], [3, 4, 5]]
+    batch = AttentionBatch.build(qo_lens, tables, kv_lens, page)
+    tokens = sum(qo_lens)
+    q, k, v = (torch.randn(tokens, h, dim, generator=gen) for h in (heads, kv_heads, kv_heads))
+    pages = torch.randn(6, 2, page, kv_heads, dim, generator=gen)
+
+    def run(attn, dtype):
+        attn.plan(batch)
+        return attn.forward(0, q.to(dtype), k.to(dtype), v.to(dtype), pages.to(dtype).clone())
+
+    assert torch.equal(run(TorchAttention(flash_rounding=True), torch.float32), run(TorchAttention(), torch.float32))
+    got = run(TorchAttention(flash_rounding=True), torch.bfloat16)
+    # by hand: every sequence, every head, from the pages the plain path wrote
+    kv = pages.to(torch.bfloat16).clone()
+    written = TorchAttention()
+    written.plan(batch)
+    written.forward(0, q.bfloat16(), k.bfloat16(), v.bfloat16(), kv)
+    start = 0
+    for b, (q_len, kv_len) in enumerate(zip(qo_lens, kv_lens)):
+        keys = kv[tables[b], 0].flatten(0, 1)[:kv_len].float()
+        values = kv[tables[b], 1].flatten(0, 1)[:kv_len].float()
+        for i in range(q_len):
+            pos = kv_len - q_len + i
+            for h in range(heads):
+                s = keys[: pos + 1, h // 2] @ q[start + i, h].bfloat16().float() * dim**-0.5
+                w = (s - s.max()).exp()
+                want = (w.bfloat16().float() @ values[: pos + 1, h // 2]) / w.sum()
+                torch.testing.assert_close(got[start + i, h].float(), want, rtol=8e-3, atol=1e-3)
+        start += q_len
+    assert not torch.equal(got, run(TorchAttention(), torch.bfloat16))
