@@ -91,6 +91,7 @@ class Target:
     window: int
     max_streams: int
     cuda_graphs: bool = True  # the engine's default
+    candidate_kv_dtype: str = "auto"  # the candidate's EngineConfig.kv_cache_dtype
     flash_rounding: bool = False  # the torch reference rounds its softmax as flash kernels do (TorchAttention)
 
     @property
@@ -117,6 +118,8 @@ class Target:
         )
         if not self.cuda_graphs:
             base["cuda_graphs"] = False
+        if backend == self.candidate and not self.smoke:
+            base["kv_cache_dtype"] = self.candidate_kv_dtype
         base.update(overrides)
         return EngineConfig(**base)
 
@@ -425,6 +428,12 @@ def main() -> None:
         "padded-batch GEMMs from FlashInfer's own arithmetic",
     )
     parser.add_argument(
+        "--candidate-kv-dtype",
+        choices=("auto", "float16", "bfloat16"),
+        default="auto",
+        help="the FlashInfer side's KV cache dtype (EngineConfig.kv_cache_dtype; auto: the compute dtype)",
+    )
+    parser.add_argument(
         "--reference-rounding",
         choices=("float32", "flash"),
         default="float32",
@@ -441,6 +450,7 @@ def main() -> None:
         max_streams=64 if args.device == "cuda" else args.streams + 2,
         cuda_graphs=not args.no_cuda_graphs,
         flash_rounding=args.reference_rounding == "flash",
+        candidate_kv_dtype=args.candidate_kv_dtype,
     )
     out = Path(args.out or default_out(args.llm, target.smoke))
     t0 = time.perf_counter()
@@ -507,6 +517,7 @@ def make_report(args, target: Target, model_info: dict, forced: dict, free: dict
             "reference": "torch",
             "reference_softmax": "flash rounding" if target.flash_rounding else "float32",
             "candidate": target.candidate,
+            "candidate_kv_cache_dtype": target.candidate_kv_dtype,
         },
         "window": target.window,
         "environment": gpu_info(target.device),
@@ -542,7 +553,8 @@ def markdown(report: dict) -> str:
     lines += [
         f"{env['gpu']}, torch {env['torch']}, FlashInfer {env.get('flashinfer', '-')}; {info['text']}; greedy m=1, "
         f"{report['window']}-token window; logits: {report['logits']}. Reference: torch attention (softmax "
-        f"weights: {report['attention']['reference_softmax']}); candidate: {candidate}.",
+        f"weights: {report['attention']['reference_softmax']}); candidate: {candidate} (KV cache dtype "
+        f"{report['attention']['candidate_kv_cache_dtype']}).",
         "",
         f"Command: `{report['command']}`",
         "",

@@ -108,7 +108,8 @@ class AttentionBackend:
     def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor, kv_layer: Tensor) -> Tensor:
         """Write ``k``/``v`` at the batch's slots, then attend.
 
-        q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` (already rotated), kv_layer ``[num_pages, 2, page_size, Hkv, D]``.
+        q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` (already rotated), kv_layer ``[num_pages, 2, page_size, Hkv, D]``
+        (its dtype may differ from q's: k/v are converted to it).
         The i-th new token of a sequence sits at position ``kv_len - q_len + i`` and sees cached positions
         ``<=`` its own. Returns ``[T, Hq, D]`` in q's dtype.
         """
@@ -164,8 +165,8 @@ class TorchAttention(AttentionBackend):
             raise RuntimeError("TorchAttention.forward called before plan()")
         if q.shape[0] != batch.num_tokens:
             raise ValueError(f"q has {q.shape[0]} tokens, the planned batch has {batch.num_tokens}")
-        kv_layer[self._write_page, 0, self._write_offset] = k
-        kv_layer[self._write_page, 1, self._write_offset] = v
+        kv_layer[self._write_page, 0, self._write_offset] = k.to(kv_layer.dtype)
+        kv_layer[self._write_page, 1, self._write_offset] = v.to(kv_layer.dtype)
         if self._padded_pages is not None:
             return self._decode(q, kv_layer)
 

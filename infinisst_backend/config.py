@@ -242,6 +242,10 @@ class EngineConfig:
     # meanwhile); a full batch runs at once.
     batch_timeout_s: float = 0.005
     cuda_graphs: bool = True  # GPU with flashinfer: replay decode steps from CUDA graphs (batch-size buckets)
+    # dtype of the LLM's KV cache ("auto": the compute dtype). float16 under a bfloat16 model: the same bytes, and
+    # FlashInfer's kernels then round their softmax weights and split-k partial outputs to float16 (3 more bits)
+    # instead of bfloat16; K/V values convert exactly unless they exceed float16's range (65504) or are tiny.
+    kv_cache_dtype: str = "auto"
     # "iteration": ORCA-style, new work joins at the next step (prefill first).
     # "static": a batch decodes to the end of its turns before new prefills join (a baseline, not for serving).
     scheduling: str = "iteration"
@@ -251,9 +255,16 @@ class EngineConfig:
     max_request_seconds: float = 60.0  # longest audio piece in one request
     stream_idle_timeout_s: float = 600.0  # streams silent this long are freed
 
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache's dtype name (``kv_cache_dtype`` resolved)."""
+        return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
+
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"one of {DTYPES}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in DTYPES:
+            _fail("kv_cache_dtype", self.kv_cache_dtype, f"'auto' or one of {DTYPES}")
         if self.attention_backend not in ("torch", "flashinfer"):
             _fail("attention_backend", self.attention_backend, "'torch' or 'flashinfer'")
         for name in ("max_batch_size", "max_prefill_tokens", "page_size", "max_streams", "max_llm_cache_tokens"):

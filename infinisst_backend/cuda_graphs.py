@@ -78,9 +78,9 @@ class _GraphAttention(AttentionBackend):
 
     def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor, kv_layer: Tensor) -> Tensor:
         page, offset = self.write_page[: self.tokens], self.write_offset[: self.tokens]
-        kv_layer[page, 0, offset] = k
-        kv_layer[page, 1, offset] = v
-        return self.wrapper.run(q, kv_layer)
+        kv_layer[page, 0, offset] = k.to(kv_layer.dtype)
+        kv_layer[page, 1, offset] = v.to(kv_layer.dtype)
+        return self.wrapper.run(q.to(kv_layer.dtype), kv_layer).to(q.dtype)  # as FlashInferAttention.forward
 
 
 class StepGraphs:
@@ -114,7 +114,8 @@ class StepGraphs:
         # Host staging (pinned) and device copies of: position, write page, write offset per token.
         self._host = torch.zeros(3, max_tokens, dtype=torch.long).pin_memory()
         self._inputs = torch.zeros(3, max_tokens, dtype=torch.long, device=device)
-        self._embeds = torch.zeros(max_tokens, llm.cfg.hidden_size, dtype=kv.data.dtype, device=device)
+        dtype = llm.model.embed_tokens.weight.dtype  # the compute dtype (the KV cache's may differ)
+        self._embeds = torch.zeros(max_tokens, llm.cfg.hidden_size, dtype=dtype, device=device)
         self._attn = _GraphAttention(self._inputs[1], self._inputs[2])
         max_rows = max(self.decode_buckets[-1], self.prefill_buckets[-1])
         self._logits = torch.zeros(max_rows, llm.cfg.vocab_size, dtype=torch.float32, device=device)
@@ -128,7 +129,7 @@ class StepGraphs:
             sm_scale=llm.cfg.head_dim**-0.5,
         )
         llm.rope.reserve(max_positions)
-        llm.rope.cos_sin(self._inputs[0, :1], kv.data.dtype)  # builds the table on the device before any capture
+        llm.rope.cos_sin(self._inputs[0, :1], dtype)  # builds the table on the device before any capture
         self._pool = torch.cuda.graph_pool_handle()
         self._wrappers: dict[tuple[int, int], object] = {}
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}

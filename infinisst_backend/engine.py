@@ -550,7 +550,8 @@ def _pages_from_free_memory(model: InfiniSSTModel, cfg: EngineConfig) -> int:
     free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
     llm, speech = model.llm.cfg, model.speech.cfg
     itemsize = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
-    page_bytes = 2 * llm.num_hidden_layers * cfg.page_size * llm.num_key_value_heads * llm.head_dim * itemsize
+    kv_itemsize = torch.empty(0, dtype=getattr(torch, cfg.kv_dtype)).element_size()
+    page_bytes = 2 * llm.num_hidden_layers * cfg.page_size * llm.num_key_value_heads * llm.head_dim * kv_itemsize
     speech_bytes = 2 * speech.num_layers * speech.max_cache_frames * speech.embed_dim * itemsize * cfg.max_streams
     usable = int(free * cfg.kv_memory_fraction) - speech_bytes
     if usable < page_bytes:

@@ -92,8 +92,12 @@ class FlashInferAttention(AttentionBackend):
         if not self._planned:
             self._plan_wrapper(batch, q, kv_layer)
         # kv_layer[page, 0, offset] is the K row of a slot ([T, Hkv, D] after indexing); index_put writes in place.
-        kv_layer[self._write_page, 0, self._write_offset] = k
-        kv_layer[self._write_page, 1, self._write_offset] = v
+        kv_layer[self._write_page, 0, self._write_offset] = k.to(kv_layer.dtype)
+        kv_layer[self._write_page, 1, self._write_offset] = v.to(kv_layer.dtype)
+        # The kernels take q, K/V and the output in one dtype: the cache's (see EngineConfig.kv_cache_dtype).
+        return self._run(batch, q.to(kv_layer.dtype), kv_layer).to(q.dtype)
+
+    def _run(self, batch: AttentionBatch, q: Tensor, kv_layer: Tensor) -> Tensor:
         if batch.is_decode:
             return self._decode.run(q, kv_layer)
         if self._prefill_backend != "auto":
@@ -123,13 +127,13 @@ class FlashInferAttention(AttentionBackend):
                 head_dim=head_dim,
                 page_size=page_size,
                 pos_encoding_mode="NONE",
-                q_data_type=q.dtype,
+                q_data_type=kv_layer.dtype,
                 kv_data_type=kv_layer.dtype,
                 sm_scale=scale,
             )
         else:
             try:
-                self._plan_prefill(batch, num_heads, num_kv_heads, head_dim, page_size, scale, q.dtype, kv_layer.dtype)
+                self._plan_prefill(batch, num_heads, num_kv_heads, head_dim, page_size, scale, kv_layer.dtype)
             except Exception:
                 if self._prefill_backend != "auto":
                     raise
@@ -156,7 +160,6 @@ class FlashInferAttention(AttentionBackend):
         head_dim: int,
         page_size: int,
         scale: float,
-        q_dtype: torch.dtype,
         kv_dtype: torch.dtype,
     ) -> None:
         self._prefill.plan(
@@ -171,6 +174,6 @@ class FlashInferAttention(AttentionBackend):
             causal=True,
             pos_encoding_mode="NONE",
             sm_scale=scale,
-            q_data_type=q_dtype,
+            q_data_type=kv_dtype,
             kv_data_type=kv_dtype,
         )

@@ -53,7 +53,7 @@ class ModelRunner:
             page_size=cfg.page_size,
             num_kv_heads=llm.num_key_value_heads,
             head_dim=llm.head_dim,
-            dtype=self.dtype,
+            dtype=DTYPES[cfg.kv_dtype],
             device=self.device,
             scratch_pages=scratch_pages_needed(max(GRAPH_PREFILL_Q_LENS), cfg.page_size) if self._use_graphs else 0,
         )

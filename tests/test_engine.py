@@ -383,3 +383,17 @@ def test_a_prefill_steps_its_greedy_streams_in_one_batch(bundle, monkeypatch):
     for i, decoding in decodings.items():
         got, alone = collect(engine.events, i), run_alone(bundle, audio[i], "German", 1, decoding)
         assert got["turns"] == alone["turns"] and got["text"] == alone["text"] and not got["errors"], i
+
+
+def test_kv_cache_dtype_other_than_the_compute_dtype(bundle):
+    """kv_cache_dtype stores the LLM cache in another dtype (keys and values converted on write, attention in the
+    compute dtype): a float64 model with a float32 cache writes the same turns, and a bad name is refused."""
+    rng = np.random.default_rng(7)
+    audio = random_audio(rng, 6.0)
+    want = run_alone(bundle, audio, "German", 1, GREEDY)
+    engine = make_engine(bundle, kv_cache_dtype="float32")
+    assert engine.runner.kv.data.dtype == torch.float32 and engine.runner.model.dtype == torch.float64
+    got = run_alone(bundle, audio, "German", 1, GREEDY, kv_cache_dtype="float32")
+    assert got["turns"] == want["turns"] and len(want["turns"]) > 3 and not got["errors"]
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        make_engine(bundle, kv_cache_dtype="int8")

@@ -101,6 +101,32 @@ def test_flashinfer_matches_torch_attention(qo_lens, ctx_lens, num_heads, num_kv
     assert _rel(fi.forward(1, q2, k, v, kv_fi), ref.forward(1, q2, k, v, kv_ref)) < 1e-2
 
 
+def test_float16_cache_brings_flashinfer_closer_to_float32():
+    """A float16 KV cache (EngineConfig.kv_cache_dtype) under bf16 queries: FlashInfer's softmax weights and split-k
+    partials round to float16, so its output is closer to the float32 torch path on the same (bf16-valued) data."""
+    from infinisst_backend.flashinfer_attention import FlashInferAttention
+
+    gen = torch.Generator().manual_seed(5)
+    batch = _random_batch(gen, [1] * 6 + [22, 40], [15, 300, 517, 999, 1040, 1, 977, 300], 512)
+    errors = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        torch.manual_seed(0)
+        cache = PagedKVCache(1, 512, PAGE, 2, 128, torch.bfloat16, "cuda")
+        cache.data.normal_()
+        q = torch.randn(batch.num_tokens, 8, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(batch.num_tokens, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        kv = cache.kv_layers[0].to(dtype)  # bf16 values: exact in float16
+        ref = TorchAttention()
+        ref.plan(batch)
+        want = ref.forward(0, q, k, v, kv.clone())
+        fi = FlashInferAttention(_cfg())
+        fi.plan(batch)
+        got = fi.forward(0, q, k, v, kv)
+        assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+        errors[dtype] = _rel(got, want)
+    assert errors[torch.float16] < 0.5 * errors[torch.bfloat16], errors
+
+
 def test_flashinfer_rejects_cpu():
     from infinisst_backend.flashinfer_attention import FlashInferAttention
 
@@ -165,13 +191,16 @@ def _tiny_model():
     return model.to(torch.bfloat16).eval(), cfg
 
 
-def test_runner_flashinfer_matches_torch_with_eviction():
-    """Prefill, decode steps and a turn-aligned compaction through both backends; the same tokens are fed."""
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "float16"])
+def test_runner_flashinfer_matches_torch_with_eviction(kv_cache_dtype):
+    """Prefill, decode steps and a turn-aligned compaction through both backends; the same tokens are fed. With a
+    float16 cache under the bf16 model, FlashInfer runs in float16 and returns bf16."""
     from infinisst_backend.model_runner import ModelRunner
 
     model, _ = _tiny_model()
     ref = ModelRunner(model, _cfg(attention_backend="torch"), 512)
-    fi = ModelRunner(model, _cfg(), 512)
+    fi = ModelRunner(model, _cfg(kv_cache_dtype=kv_cache_dtype), 512)
+    assert fi.kv.data.dtype == (torch.float16 if kv_cache_dtype == "float16" else torch.bfloat16)
     rng = np.random.default_rng(0)
     seqs = [(ref.new_sequence(), fi.new_sequence()) for _ in range(3)]
     agree, errors = [], []
@@ -222,15 +251,15 @@ def test_engine_flashinfer_greedy_and_beam_no_leak():
     assert pool.num_free == pool.num_pages, "every page must be back in the pool"
 
 
-@pytest.mark.parametrize("batch", [1, 3, 8, 11])
-def test_cuda_graphs_match_eager(batch):
+@pytest.mark.parametrize("batch, kv_cache_dtype", [(1, "auto"), (3, "auto"), (8, "auto"), (11, "auto"), (3, "float16")])
+def test_cuda_graphs_match_eager(batch, kv_cache_dtype):
     """Graph replays of prefills (equal prompt lengths) and decodes, padded up to a bucket (11 > max_batch_size
     runs eagerly), == the eager FlashInfer path; scratch pages sit outside the pool; nothing leaks."""
     from infinisst_backend.model_runner import ModelRunner
 
     model, _ = _tiny_model()
-    eager = ModelRunner(model, _cfg(cuda_graphs=False, max_batch_size=8), 512)
-    graphs = ModelRunner(model, _cfg(max_batch_size=8), 512)
+    eager = ModelRunner(model, _cfg(cuda_graphs=False, max_batch_size=8, kv_cache_dtype=kv_cache_dtype), 512)
+    graphs = ModelRunner(model, _cfg(max_batch_size=8, kv_cache_dtype=kv_cache_dtype), 512)
     assert eager.graphs is None and graphs.graphs.decode_buckets == [1, 2, 4, 8]
     assert graphs.graphs.scratch_pages == [512, 513, 514] and graphs.kv.data.shape[1] == 515  # 34 tokens (m=2)
     rng = np.random.default_rng(batch)
