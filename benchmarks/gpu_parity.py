@@ -92,7 +92,6 @@ class Target:
     max_streams: int
     cuda_graphs: bool = True  # the engine's default
     candidate_kv_dtype: str = "auto"  # the candidate's EngineConfig.kv_cache_dtype
-    flash_rounding: bool = False  # the torch reference rounds its softmax as flash kernels do (TorchAttention)
 
     @property
     def smoke(self) -> bool:
@@ -208,8 +207,6 @@ def teacher_forced(model, tokenizer, model_cfg, target: Target, streams: int, ch
     solo_pages = target.pages(2048, max(1, solo), 1, system_len)
     alone = ModelRunner(model, target.config("torch", solo_pages), solo_pages)
     runners = (ref, fi, alone)
-    for runner in (ref, alone):
-        runner.attn.flash_rounding = target.flash_rounding
     rng = np.random.default_rng(seed)
     lengths = TurnLengths(seed)
     caches = [model.speech.new_cache(1) for _ in range(streams)]
@@ -287,8 +284,6 @@ def run_engine(
     system_len = PromptBuilder(tokenizer, model_cfg.prompt).first_turn("German", 1).system_len
     pages = target.pages(8192, streams, beam, system_len)
     engine = Engine(model, tokenizer, model_cfg, target.config(backend, pages))
-    if backend == "torch":
-        engine.runner.attn.flash_rounding = target.flash_rounding
     rng = np.random.default_rng(seed)
     for i in range(streams):
         engine.open_stream(i, "German", 1, DecodingConfig(beam_size=beam))
@@ -433,13 +428,6 @@ def main() -> None:
         default="auto",
         help="the FlashInfer side's KV cache dtype (EngineConfig.kv_cache_dtype; auto: the compute dtype)",
     )
-    parser.add_argument(
-        "--reference-rounding",
-        choices=("float32", "flash"),
-        default="float32",
-        help="the torch reference's softmax weights: float32, or rounded as flash kernels round them (the "
-        "unnormalized weights in the model dtype; TorchAttention.flash_rounding)",
-    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_parity.py needs a CUDA GPU (or --device cpu for a smoke run of the harness)")
@@ -449,7 +437,6 @@ def main() -> None:
         args.window,
         max_streams=64 if args.device == "cuda" else args.streams + 2,
         cuda_graphs=not args.no_cuda_graphs,
-        flash_rounding=args.reference_rounding == "flash",
         candidate_kv_dtype=args.candidate_kv_dtype,
     )
     out = Path(args.out or default_out(args.llm, target.smoke))
@@ -515,7 +502,6 @@ def make_report(args, target: Target, model_info: dict, forced: dict, free: dict
         + ("CUDA graphs on (the engine's default)" if target.cuda_graphs else "CUDA graphs off (eager decode steps)"),
         "attention": {
             "reference": "torch",
-            "reference_softmax": "flash rounding" if target.flash_rounding else "float32",
             "candidate": target.candidate,
             "candidate_kv_cache_dtype": target.candidate_kv_dtype,
         },
@@ -552,9 +538,8 @@ def markdown(report: dict) -> str:
         ]
     lines += [
         f"{env['gpu']}, torch {env['torch']}, FlashInfer {env.get('flashinfer', '-')}; {info['text']}; greedy m=1, "
-        f"{report['window']}-token window; logits: {report['logits']}. Reference: torch attention (softmax "
-        f"weights: {report['attention']['reference_softmax']}); candidate: {candidate} (KV cache dtype "
-        f"{report['attention']['candidate_kv_cache_dtype']}).",
+        f"{report['window']}-token window; logits: {report['logits']}. Reference: torch attention (float32 "
+        f"softmax); candidate: {candidate} (KV cache dtype {report['attention']['candidate_kv_cache_dtype']}).",
         "",
         f"Command: `{report['command']}`",
         "",

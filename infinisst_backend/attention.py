@@ -119,18 +119,12 @@ class AttentionBackend:
 class TorchAttention(AttentionBackend):
     """Reference implementation: gathers each sequence's pages and runs masked softmax attention.
 
-    Scores and softmax are computed in float32 (float64 for float64 inputs). With ``flash_rounding`` a half-precision
-    input's softmax rounds the way flash kernels (FlashInfer's among them) round it: the unnormalized weights
-    ``exp(s - max)`` are rounded to the inputs' dtype before they weight the values, and the normalizer sums them
-    unrounded (products and sums still in float32); float32 and float64 inputs are unaffected.
-
-    Prefill steps take one Python iteration per sequence; decode-only steps gather all sequences' pages at once,
-    padded to the longest.
+    Scores and softmax are computed in float32 (float64 for float64 inputs). Prefill steps take one Python
+    iteration per sequence; decode-only steps gather all sequences' pages at once, padded to the longest.
     """
 
-    def __init__(self, scale: float | None = None, flash_rounding: bool = False):
+    def __init__(self, scale: float | None = None):
         self.scale = scale  # None: head_dim ** -0.5
-        self.flash_rounding = flash_rounding
         self._batch: AttentionBatch | None = None
         self._write_page: Tensor | None = None  # [T] page of each new token
         self._write_offset: Tensor | None = None  # [T] offset in that page
@@ -192,7 +186,7 @@ class TorchAttention(AttentionBackend):
         qg = q.to(compute).view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
         scores = torch.einsum("bhgd,bkhd->bhgk", qg, keys.to(compute)) * scale  # [B, Hkv, G, K]
         scores = scores.masked_fill(~self._padded_mask[:, None, None, :], float("-inf"))
-        out = torch.einsum("bhgk,bkhd->bhgd", self._probs(scores, q.dtype), values.to(compute))
+        out = torch.einsum("bhgk,bkhd->bhgd", scores.softmax(dim=-1), values.to(compute))
         return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
@@ -205,11 +199,5 @@ class TorchAttention(AttentionBackend):
         qg = q.to(compute).view(num_q, num_kv_heads, group, head_dim)
         scores = torch.einsum("qhgd,khd->hgqk", qg, keys.to(compute)) * scale  # [Hkv, G, Q, K]
         scores = scores.masked_fill(~mask, float("-inf"))
-        out = torch.einsum("hgqk,khd->qhgd", self._probs(scores, q.dtype), values.to(compute))  # [Q, Hkv, G, D]
+        out = torch.einsum("hgqk,khd->qhgd", scores.softmax(dim=-1), values.to(compute))  # [Q, Hkv, G, D]
         return out.reshape(num_q, num_heads, head_dim).to(q.dtype)
-
-    def _probs(self, scores: Tensor, dtype: torch.dtype) -> Tensor:
-        if not self.flash_rounding or dtype.itemsize >= 4:
-            return scores.softmax(dim=-1)
-        weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()
-        return weights.to(dtype).to(weights.dtype) / weights.sum(dim=-1, keepdim=True)
