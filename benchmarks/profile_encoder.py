@@ -8,8 +8,8 @@ prints the CUDA kernels that take the time (torch.profiler), grouped by name:
 
 ``--modes`` times several ways of computing the attention on the same streams, one after the other:
 ``kernel`` (the default: the window kernel of :mod:`infinisst_backend.window_kernel` builds each layer's keys and
-values), ``reference`` (``speech_encoder.WINDOW_KERNEL`` off: gather, concatenation and RoPE as separate ops), and
-``+fused`` on either (the experiment ``speech_encoder.FUSED_ATTENTION``, one fused attention kernel). For each mode it
+values; serving uses it in the encoder's CUDA graphs only, this script in the eager passes too), ``reference``
+(``speech_encoder.WINDOW_KERNEL`` off: gather, concatenation and RoPE as separate ops), and ``+fused`` on either (the experiment ``speech_encoder.FUSED_ATTENTION``, one fused attention kernel). For each mode it
 prints whether the embeddings of a steady-state chunk are bit-identical to the first mode's, and the relative error
 where they are not.
 """
@@ -88,7 +88,8 @@ def main() -> None:
         print(f"--- attention: {mode}", flush=True)
         pool = frontend.new_pool(max(batches))
         graphs = EncoderGraphs(frontend, pool, max(batches), [args.m]) if args.graphs else None
-        with torch.inference_mode():
+        # Serving uses the kernel only in graph captures; here the eager passes use it too, to time and check it.
+        with torch.inference_mode(), speech_encoder.window_kernel_passes():
             for b in batches:
                 caches = [frontend.new_cache(args.m, pool) for _ in range(b)]
                 for _ in range(warm):

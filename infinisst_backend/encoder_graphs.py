@@ -14,7 +14,8 @@ How a replay is fed (one call = one bucket of one m):
 * the CNN tails (device tensors) are stacked into a static buffer by one op;
 * the graph does everything else on the device: assembles the audio [S, tail + chunk], computes the rows of each
   layer's window in the pool and the per-stream attention bias from the slots and frames encoded, runs the CNN, the
-  layers (gathering each window from the pool), the adapter and the projection, and writes the embeddings, the
+  layers (each window's keys and values built from the pool by one Triton kernel, :mod:`.window_kernel`, where it
+  runs), the adapter and the projection, and writes the embeddings, the
   chunk's K/V [layers, 2, S, T, H, D] and the ring rows they belong at to static outputs;
 * rows past the real batch (the bucket is padded up) repeat the first stream's slot and position: they read valid
   rows, and their outputs are dropped. The graph never writes the pool: the frontend's update step does, eagerly,
@@ -48,6 +49,7 @@ from .speech_encoder import (
     _accumulate_dtype,
     _check_multiplier,
     _GroupUpdate,
+    window_kernel_passes,
 )
 
 logger = logging.getLogger(__name__)
@@ -265,6 +267,7 @@ class EncoderGraphs:
         self._idx[1].fill_(self.window)
         mem = torch.cuda.graph_pool_handle()
         keys = sorted(((m, b) for m in self.multipliers for b in self.buckets), key=lambda k: (k[0] * k[1], k[1]))
-        for m, rows in reversed(keys):  # largest first: smaller graphs reuse its pool memory
-            self._graphs[(m, rows)] = capture_graph(partial(self._forward, m, rows), device, mem)
+        with window_kernel_passes():  # the warm-up before each capture also compiles the kernel, outside capture
+            for m, rows in reversed(keys):  # largest first: smaller graphs reuse its pool memory
+                self._graphs[(m, rows)] = capture_graph(partial(self._forward, m, rows), device, mem)
         torch.cuda.synchronize(device)

@@ -344,9 +344,9 @@ def test_encoder_cuda_graphs_match_eager():
 
 @pytest.mark.parametrize("variant", ["interleaved", "half"])
 def test_window_kernel_is_bit_exact_in_bf16(monkeypatch, variant):
-    """The speech encoder's window kernel (gather + concatenation + key RoPE in one Triton kernel, on by default)
-    gives the reference path's bits in bf16 on the GPU: embeddings and caches of a streaming run where a young stream
-    shares batches with full windows, eagerly and through the encoder's CUDA graphs."""
+    """The speech encoder's window kernel (gather + concatenation + key RoPE in one Triton kernel, which the encoder
+    graphs capture) gives the reference path's bits in bf16 on the GPU: embeddings and caches of a streaming run where
+    a young stream shares batches with full windows, eagerly (forced) and through the encoder's CUDA graphs."""
     pytest.importorskip("triton")
     from infinisst_backend import speech_encoder, window_kernel
     from infinisst_backend.encoder_graphs import EncoderGraphs
@@ -386,7 +386,11 @@ def test_window_kernel_is_bit_exact_in_bf16(monkeypatch, variant):
         torch.cuda.synchronize()
         return outs, torch.cat([torch.stack(c.keys + c.values) for c in caches])
 
-    fast, fast_graphed = run(False), run(True)
+    with speech_encoder.window_kernel_passes():
+        fast = run(False)
+    assert calls
+    calls.clear()
+    fast_graphed = run(True)  # the graphs' capture enters window_kernel_passes() itself
     assert calls
     monkeypatch.setattr(speech_encoder, "WINDOW_KERNEL", False)
     calls.clear()

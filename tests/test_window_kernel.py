@@ -81,8 +81,9 @@ def test_usable_needs_cuda_or_the_interpreter(monkeypatch):
 
 @pytest.mark.parametrize("variant", ["interleaved", "half"])
 def test_streaming_encoder_through_the_kernel_equals_the_reference(interpreted, monkeypatch, variant):
-    """A whole streaming run in fp32 with the kernel (the default where it runs) equals the reference path bit for
-    bit: young streams batched with old ones (per-stream positions), full windows, a partial last chunk."""
+    """A whole streaming run in fp32 through the kernel (as the encoder graphs' passes use it) equals the reference
+    path bit for bit: young streams batched with old ones (per-stream positions), full windows, a partial last
+    chunk. Eager passes outside :func:`window_kernel_passes` keep the reference ops."""
     model = build(tiny_config(rope_variant=variant), dtype=torch.float32)
     chunks = [audio(SAMPLES_PER_UNIT * 7 + 555, seed=s) for s in (3, 4)]
 
@@ -101,12 +102,16 @@ def test_streaming_encoder_through_the_kernel_equals_the_reference(interpreted, 
 
     calls = []
     monkeypatch.setattr(window_kernel, "window_keys_values", _counting(window_kernel.window_keys_values, calls))
-    fast, fast_caches = run()
-    assert calls, "the kernel did not run"
-    monkeypatch.setattr(speech_encoder, "WINDOW_KERNEL", False)
-    calls.clear()
-    slow, slow_caches = run()
+    slow, slow_caches = run()  # eager passes outside window_kernel_passes(): the reference ops
     assert not calls
+    with speech_encoder.window_kernel_passes():
+        fast, fast_caches = run()
+    assert calls, "the kernel did not run"
+    monkeypatch.setattr(speech_encoder, "WINDOW_KERNEL", False)  # the switch turns it off everywhere
+    calls.clear()
+    with speech_encoder.window_kernel_passes():
+        off, _ = run()
+    assert not calls and all(torch.equal(a, b) for a, b in zip(off, slow))
     assert len(fast) == len(slow)
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)
