@@ -6,12 +6,13 @@ prints the CUDA kernels that take the time (torch.profiler), grouped by name:
 
     python benchmarks/profile_encoder.py --batch 1,8,32 --m 1 --graphs [--modes reference,kernel,kernel+fused]
 
-``--modes`` times several ways of computing the attention on the same streams, one after the other:
-``kernel`` (the default: the window kernel of :mod:`infinisst_backend.window_kernel` builds each layer's keys and
-values; serving uses it in the encoder's CUDA graphs only, this script in the eager passes too), ``reference``
-(``speech_encoder.WINDOW_KERNEL`` off: gather, concatenation and RoPE as separate ops), and ``+fused`` on either (the experiment ``speech_encoder.FUSED_ATTENTION``, one fused attention kernel). For each mode it
-prints whether the embeddings of a steady-state chunk are bit-identical to the first mode's, and the relative error
-where they are not.
+``--modes`` times several ways of computing the attention on the same streams, one after the other: ``kernel``
+(the default: the window kernel of :mod:`infinisst_backend.window_kernel` builds each layer's keys and values;
+serving uses it in the encoder's CUDA graphs only, this script in the eager passes too), ``reference``
+(``speech_encoder.WINDOW_KERNEL`` off: gather, concatenation and RoPE as separate ops), and ``+fused`` on either
+(the experiment ``speech_encoder.FUSED_ATTENTION``, one fused attention kernel). For each mode it prints whether
+the embeddings of a steady-state chunk are bit-identical to the first mode's, and the relative error where they are
+not.
 """
 
 from __future__ import annotations
