@@ -35,6 +35,7 @@ GPU_DEFAULTS = {
     "dtype": "bfloat16",
     "attention_backend": "flashinfer",
     "cuda_graphs": "true",
+    "kv_cache_dtype": "auto",
     "engine_max_batch_size": "256",
     "max_prefill_tokens": "8192",
     "batch_timeout_s": "0.05",
