@@ -307,13 +307,17 @@ class SelfAttention(nn.Module):
         cached = 0 if past is None else past.rows.shape[1] if isinstance(past, RingWindow) else past[0].shape[2]
         # Compact positions by default: keys 0..C+T-1, queries C..C+T-1 (rotate_queries_with_cached_keys).
         q_pos, k_pos = positions if positions is not None else (cached, 0)
+        k = None
         fast = WINDOW_KERNEL and _WINDOW_KERNEL_PASSES.get() and window_kernel.usable(new_k, self.head_dim)
         if isinstance(past, RingWindow) and fast:
             cos, sin = self.rotary_emb.tables(k_pos, cached + length, new_k)
-            k, v = window_kernel.window_keys_values(
-                *past.layer_kv(), past.rows, new_k, new_v, cos, sin, self.rotary_emb.interleaved
-            )
-        else:
+            try:  # the first call compiles it (graph warm-up, outside capture); if that fails, the ops below serve
+                k, v = window_kernel.window_keys_values(
+                    *past.layer_kv(), past.rows, new_k, new_v, cos, sin, self.rotary_emb.interleaved
+                )
+            except Exception as e:
+                window_kernel.disable(f"{type(e).__name__}: {e}")
+        if k is None:
             if isinstance(past, RingWindow):
                 past = past.gather()
             k, v = new_k.transpose(1, 2), new_v.transpose(1, 2)

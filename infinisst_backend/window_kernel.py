@@ -21,12 +21,16 @@ check it that way without a GPU.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
 from torch import Tensor
 
+logger = logging.getLogger(__name__)
+
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_disabled: str | None = None  # why the kernel stopped being used in this process (see disable)
 
 
 @functools.cache
@@ -117,7 +121,16 @@ def usable(x: Tensor, head_dim: int) -> bool:
     """Whether :func:`window_keys_values` runs for tensors like ``x``: a CUDA tensor (any tensor under Triton's
     interpreter) of a supported dtype, a power-of-two head dim, and Triton importable."""
     shape_ok = x.dtype in _DTYPES and head_dim >= 2 and head_dim & (head_dim - 1) == 0
-    return (x.is_cuda or interpreting()) and shape_ok and _triton_importable()
+    return _disabled is None and (x.is_cuda or interpreting()) and shape_ok and _triton_importable()
+
+
+def disable(reason: str) -> None:
+    """Stop using the kernel in this process (e.g. Triton could not compile it here: no writable cache folder, no
+    compiler); :func:`usable` says False from now on, and callers keep their reference path."""
+    global _disabled
+    if _disabled is None:
+        logger.warning("speech encoder window kernel disabled, using the separate torch ops: %s", reason)
+    _disabled = reason
 
 
 def window_keys_values(

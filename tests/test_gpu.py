@@ -270,6 +270,12 @@ def test_cuda_graphs_match_eager(batch, kv_cache_dtype):
 # ------------------------------------------------------------------ speech encoder CUDA graphs
 
 
+def _small_encoder_config(**overrides) -> SpeechEncoderConfig:
+    """A small speech encoder with a 96-frame window (the CNN of wav2vec 2.0 with 64 channels)."""
+    conv = [(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2
+    return SpeechEncoderConfig(**({"conv_layers": conv, "ffn_dim": 256, "max_cache_frames": 96} | overrides))
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16)  # bf16 storage: equality bit for bit, NaN patterns of unwritten rows included
 
@@ -281,14 +287,7 @@ def test_encoder_cuda_graphs_match_eager():
     from infinisst_backend.encoder_graphs import EncoderGraphs
     from infinisst_backend.speech_encoder import SpeechFrontend
 
-    cfg = SpeechEncoderConfig(
-        conv_layers=[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2,
-        embed_dim=128,
-        num_layers=3,
-        num_heads=2,  # head_dim 64
-        ffn_dim=256,
-        max_cache_frames=96,
-    )
+    cfg = _small_encoder_config(embed_dim=128, num_layers=3, num_heads=2)  # head_dim 64
     torch.manual_seed(0)
     frontend = SpeechFrontend(cfg, 256).to("cuda", torch.bfloat16).eval()
     eager_pool, graph_pool = frontend.new_pool(16), frontend.new_pool(16)
@@ -352,15 +351,7 @@ def test_window_kernel_is_bit_exact_in_bf16(monkeypatch, variant):
     from infinisst_backend.encoder_graphs import EncoderGraphs
     from infinisst_backend.speech_encoder import SpeechFrontend
 
-    cfg = SpeechEncoderConfig(
-        conv_layers=[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2,
-        embed_dim=256,
-        num_layers=2,
-        num_heads=4,  # head_dim 64
-        ffn_dim=256,
-        max_cache_frames=96,
-        rope_variant=variant,
-    )
+    cfg = _small_encoder_config(embed_dim=256, num_layers=2, num_heads=4, rope_variant=variant)  # head_dim 64
     torch.manual_seed(0)
     frontend = SpeechFrontend(cfg, 128).to("cuda", torch.bfloat16).eval()
     gen = torch.Generator().manual_seed(1)

@@ -126,3 +126,27 @@ def _counting(fn, calls: list):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def test_a_kernel_that_cannot_build_falls_back_to_the_reference(interpreted, monkeypatch, caplog):
+    """If Triton cannot compile or launch the kernel here (no compiler, no writable cache), the encoder logs it once,
+    keeps serving with the separate ops (the same outputs) and stops trying."""
+    monkeypatch.setattr(window_kernel, "_disabled", None)
+
+    def broken():
+        raise RuntimeError("no C compiler found")
+
+    broken.cache_clear = lambda: None  # the fixture clears the real one's cache after the test
+    monkeypatch.setattr(window_kernel, "_kernel", broken)
+    model = build(tiny_config(), dtype=torch.float32)
+    samples = audio(SAMPLES_PER_UNIT * 4, seed=5)
+    chunks = [samples[i : i + SAMPLES_PER_UNIT] for i in range(0, samples.numel(), SAMPLES_PER_UNIT)]
+    reference_cache, cache = model.new_cache(1), model.new_cache(1)
+    want = [model.encode_chunk(reference_cache, c) for c in chunks]
+    with speech_encoder.window_kernel_passes(), caplog.at_level("WARNING"):
+        got = [model.encode_chunk(cache, c) for c in chunks]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not window_kernel.usable(torch.zeros(2), 8)
+    assert [r.message for r in caplog.records].count(
+        "speech encoder window kernel disabled, using the separate torch ops: RuntimeError: no C compiler found"
+    ) == 1
