@@ -232,7 +232,8 @@ _Positions = tuple[int | Tensor, int | Tensor]
 
 # EXPERIMENT, off: the chunk attention as one fused kernel (F.scaled_dot_product_attention: scores and softmax never
 # materialized, in the kernel's own precision) instead of the reference arithmetic (bf16 scores, fp32 softmax).
-# `benchmarks/profile_encoder.py --fused` times both on a GPU; the served path stays the reference until then.
+# `benchmarks/profile_encoder.py --modes kernel,kernel+fused` times both on a GPU (H100, 16 streams graphed: 11.9 ->
+# 9.7 ms, embeddings 1.2e-2 off the reference); off, the served path keeps the reference's bits.
 FUSED_ATTENTION = False
 
 # The cached window's keys and values built by one Triton kernel (gather, concatenation and key RoPE in one pass,
