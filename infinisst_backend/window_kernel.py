@@ -13,6 +13,10 @@ them (:meth:`~infinisst_backend.speech_encoder.InterleavedRotary.tables`), appli
 dtypes (fp32 products, or products rounded to the model dtype when the tables are in it) and adds them without a
 fused multiply-add (``enable_fp_fusion=False``), as the reference's separate kernels do.
 
+The encoder uses it only in the passes that CUDA graphs capture (``speech_encoder.window_kernel_passes``): a launch
+from Python costs more host time than the kernel saves on the GPU, so eager passes keep the separate ops. If Triton
+cannot build or launch it, :func:`disable` turns it off for the process.
+
 Triton is imported on first use: the package runs on CPU without it, and :func:`usable` says False there. Under
 Triton's CPU interpreter (``TRITON_INTERPRET=1``, before the first call) the kernel runs on CPU tensors: the tests
 check it that way without a GPU.
