@@ -79,6 +79,7 @@ WINDOW = 1000
 TURN_MATCH_REQUIRED = 0.99
 FLOOR_FACTOR = 2.0  # FlashInfer may differ from torch at most this many times as much as torch from itself
 NEAR_TIE = 0.1  # a reference top-1 - top-2 logit margin below this is a near-tie (bf16 rounding can flip it)
+TIE_MARGINS = (0.05, 0.1, 0.2)  # informational turn identity that excuses flips below these margins
 SAMPLE_TURNS = 8  # turns of one stream quoted in the report (real model)
 
 
@@ -155,24 +156,37 @@ class _Compare:
         self.errors: list[float] = []
         self.steps: list[bool] = []
         self.margins: list[float] = []  # the reference's top-1 - top-2 margin per step
-        self.turns: list[bool] = []
+        self.turn_ids: list[tuple[int, int]] = []  # per step: (turn, stream)
         self.tags: list[tuple[str, str]] = []  # per step: (prefill or decode, before or after its first eviction)
 
-    def add(self, logits: torch.Tensor, ref: torch.Tensor, margin: float, tags: tuple[str, str]) -> bool:
+    def add(self, logits: torch.Tensor, ref: torch.Tensor, margin: float, turn: tuple[int, int], tags: tuple[str, str]):
         self.errors.append(_rel(logits, ref))
+        self.turn_ids.append(turn)
         self.tags.append(tags)
-        same = bool(logits.argmax() == ref.argmax())
-        self.steps.append(same)
+        self.steps.append(bool(logits.argmax() == ref.argmax()))
         self.margins.append(margin)
-        return same
+
+    def _turns_identical(self, tie_margin: float = 0.0) -> list[bool]:
+        """Per turn: every step's argmax agrees, or (``tie_margin`` > 0) differs only where the reference's top-2
+        margin is below ``tie_margin``."""
+        turns: dict[tuple[int, int], bool] = {}
+        for turn, same, margin in zip(self.turn_ids, self.steps, self.margins):
+            turns[turn] = turns.get(turn, True) and (same or margin < tie_margin)
+        return list(turns.values())
 
     def summary(self) -> dict:
         errors, margins = np.array(self.errors), np.array(self.margins)
         flipped = margins[~np.array(self.steps)]
+        turns = self._turns_identical()
         return {
-            "turns": len(self.turns),
+            "turns": len(turns),
             "steps": len(self.steps),
-            "turn_identical_fraction": float(np.mean(self.turns)),
+            "turn_identical_fraction": float(np.mean(turns)),
+            # informational: a flip at a near-tie says little about the implementation; these fractions excuse the
+            # steps whose reference margin is below each value
+            "turn_identical_fraction_excusing_ties_below": {
+                str(m): float(np.mean(self._turns_identical(m))) for m in TIE_MARGINS
+            },
             "step_argmax_agreement": float(np.mean(self.steps)),
             "logits_rel_error_median": float(np.median(errors)),
             "logits_rel_error_p99": float(np.percentile(errors, 99)),
@@ -229,15 +243,14 @@ def teacher_forced(model, tokenizer, model_cfg, target: Target, streams: int, ch
             layer0_close, layer0_ulps = _within_bf16(fi.kv.kv_layers[0][: ref_kv0.shape[0]], ref_kv0)
         remaining = [lengths.draw(1, 10) for _ in range(streams)]
         turn_lengths = list(remaining)
-        fi_same, floor_same = [True] * streams, [True] * solo
         active = list(range(streams))
         while True:
             margins = top2_margins(logits_ref)
             for row, i in enumerate(active):
                 tags = ("decode" if remaining[i] < turn_lengths[i] else "prefill", "after" if evicted[i] else "before")
-                fi_same[i] &= fi_cmp.add(logits_fi[row], logits_ref[row], margins[row], tags)
+                fi_cmp.add(logits_fi[row], logits_ref[row], margins[row], (k, i), tags)
                 if i < solo:
-                    floor_same[i] &= floor_cmp.add(logits_solo[i], logits_ref[row], margins[row], tags)
+                    floor_cmp.add(logits_solo[i], logits_ref[row], margins[row], (k, i), tags)
                 remaining[i] -= 1
             tokens = logits_ref.argmax(-1).tolist()
             nxt = [(row, i) for row, i in enumerate(active) if remaining[i] > 0]  # the last token is never fed
@@ -248,8 +261,6 @@ def teacher_forced(model, tokenizer, model_cfg, target: Target, streams: int, ch
             logits_ref = ref.decode([seqs[i][0] for i in active], feed)
             logits_fi = fi.decode([seqs[i][1] for i in active], feed)
             logits_solo = {i: alone.decode([seqs[i][2]], [t])[0] for i, t in zip(active, feed) if i < solo}
-        fi_cmp.turns += fi_same
-        floor_cmp.turns += floor_same
         for i, triple in enumerate(seqs):
             length = triple[0].num_tokens
             checkpoints[i].append(length)
@@ -547,6 +558,11 @@ def markdown(report: dict) -> str:
         "|---|---|---|",
         f"| turns identical, teacher-forced ({forced['turns']} turns, {forced['evictions']} evictions) | "
         f"{forced['turn_identical_fraction']:.4f} | {checks['turns_identical_teacher_forced >= 0.99']} |",
+        "| turns identical, excusing flips where the reference's top-2 margin is below "
+        + " / ".join(forced["turn_identical_fraction_excusing_ties_below"])
+        + " | "
+        + " / ".join(f"{v:.4f}" for v in forced["turn_identical_fraction_excusing_ties_below"].values())
+        + " | (informational) |",
         f"| step argmax agreement ({forced['steps']} steps; {forced['argmax_flips']} flips) | "
         f"{forced['step_argmax_agreement']:.4f} | {checks['argmax_flips_within_bf16_noise_floor']} |",
         f"| logits rel. error median / p99 / max | {forced['logits_rel_error_median']:.2e} / "
