@@ -272,9 +272,6 @@ class RingWindow:
         return self.pool.data[self.layer, 0], self.pool.data[self.layer, 1]
 
 
-_Past = tuple[Tensor, Tensor] | RingWindow
-
-
 class SelfAttention(nn.Module):
     """fairseq MultiheadAttention names; RoPE on q (after scaling) and on all keys, per call."""
 
@@ -291,9 +288,9 @@ class SelfAttention(nn.Module):
         rotary = InterleavedRotary if cfg.rope_variant == "interleaved" else HalfRotary
         self.rotary_emb = rotary(self.head_dim, cfg.rope_theta)
 
-    def forward(self, x: Tensor, past: _Past | None, bias: Tensor, positions: _Positions | None = None):
-        """x [S, T, E]; past (k, v) [S, H, C, D] un-rotated, a :class:`RingWindow` of C cached frames, or None; bias
-        [T, C+T] or [S, 1, T, C+T].
+    def forward(self, x: Tensor, past: RingWindow | None, bias: Tensor, positions: _Positions | None = None):
+        """x [S, T, E]; past: the :class:`RingWindow` of C cached frames (un-rotated), or None; bias [T, C+T] or
+        [S, 1, T, C+T].
 
         ``positions`` (query offset, key offset), each an int or a per-stream [S, 1] tensor, are the RoPE positions
         of the first query and the first key; by default (C, 0): compact positions, the oldest key at 0.
@@ -305,12 +302,12 @@ class SelfAttention(nn.Module):
         q = self.q_proj(x) * self.scaling
         new_k, new_v = (p(x).view(batch, length, self.num_heads, self.head_dim) for p in (self.k_proj, self.v_proj))
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        cached = 0 if past is None else past.rows.shape[1] if isinstance(past, RingWindow) else past[0].shape[2]
+        cached = 0 if past is None else past.rows.shape[1]
         # Compact positions by default: keys 0..C+T-1, queries C..C+T-1 (rotate_queries_with_cached_keys).
         q_pos, k_pos = positions if positions is not None else (cached, 0)
         k = None
         fast = WINDOW_KERNEL and _WINDOW_KERNEL_PASSES.get() and window_kernel.usable(new_k, self.head_dim)
-        if isinstance(past, RingWindow) and fast:
+        if past is not None and fast:
             cos, sin = self.rotary_emb.tables(k_pos, cached + length, new_k)
             try:  # the first call compiles it (graph warm-up, outside capture); if that fails, the ops below serve
                 k, v = window_kernel.window_keys_values(
@@ -319,12 +316,11 @@ class SelfAttention(nn.Module):
             except Exception as e:
                 window_kernel.disable(f"{type(e).__name__}: {e}")
         if k is None:
-            if isinstance(past, RingWindow):
-                past = past.gather()
             k, v = new_k.transpose(1, 2), new_v.transpose(1, 2)
             if past is not None:
-                k = torch.cat((past[0], k), dim=2)
-                v = torch.cat((past[1], v), dim=2)
+                past_k, past_v = past.gather()
+                k = torch.cat((past_k, k), dim=2)
+                v = torch.cat((past_v, v), dim=2)
             k = self.rotary_emb(k, k_pos)
         q = self.rotary_emb(q, q_pos)
         if FUSED_ATTENTION:
@@ -347,7 +343,7 @@ class EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.embed_dim)
         self.final_layer_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: Tensor, past: _Past | None, bias: Tensor, positions: _Positions | None = None):
+    def forward(self, x: Tensor, past: RingWindow | None, bias: Tensor, positions: _Positions | None = None):
         attn, k, v = self.self_attn(self.self_attn_layer_norm(x), past, bias, positions)
         x = x + attn
         hidden = self.fc1(self.final_layer_norm(x))
@@ -365,12 +361,12 @@ class TransformerEncoder(nn.Module):
         self,
         x: Tensor,
         bias: Tensor,
-        past: Callable[[int], _Past] | None = None,
+        past: Callable[[int], RingWindow] | None = None,
         positions: _Positions | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """x [S, T, E]; ``past(i)`` gives layer i's cached (k, v) [S, H, C, D] or :class:`RingWindow`, or None for no
-        cache: it is called layer by layer, so only one layer's copy of the cache is alive at a time. ``positions``: see
-        :meth:`SelfAttention.forward`.
+        """x [S, T, E]; ``past(i)`` gives layer i's cached window (:class:`RingWindow`), or None for no cache: it is
+        called layer by layer, and a window is copied out of the pool only inside its layer, so at most one layer's
+        copy is alive at a time. ``positions``: see :meth:`SelfAttention.forward`.
 
         Returns (x, per layer the chunk's (k, v) [S, T, H, D]).
         """
