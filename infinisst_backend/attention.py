@@ -99,6 +99,13 @@ def _to_device(values: list[int], dtype: torch.dtype, device: torch.device | str
     return t.to(device)
 
 
+def write_kv(kv_layer: Tensor, page: Tensor, offset: Tensor, k: Tensor, v: Tensor) -> None:
+    """Store a step's new K and V rows ``[T, Hkv, D]`` at slots (page, offset) of ``kv_layer``
+    ``[num_pages, 2, page_size, Hkv, D]``, converted to its dtype (``EngineConfig.kv_cache_dtype``)."""
+    kv_layer[page, 0, offset] = k.to(kv_layer.dtype)
+    kv_layer[page, 1, offset] = v.to(kv_layer.dtype)
+
+
 class AttentionBackend:
     """Paged causal attention. Chosen once at start-up; ``plan`` once per step, ``forward`` once per layer."""
 
@@ -159,8 +166,7 @@ class TorchAttention(AttentionBackend):
             raise RuntimeError("TorchAttention.forward called before plan()")
         if q.shape[0] != batch.num_tokens:
             raise ValueError(f"q has {q.shape[0]} tokens, the planned batch has {batch.num_tokens}")
-        kv_layer[self._write_page, 0, self._write_offset] = k.to(kv_layer.dtype)
-        kv_layer[self._write_page, 1, self._write_offset] = v.to(kv_layer.dtype)
+        write_kv(kv_layer, self._write_page, self._write_offset, k, v)
         if self._padded_pages is not None:
             return self._decode(q, kv_layer)
 

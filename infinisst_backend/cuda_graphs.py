@@ -30,7 +30,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .attention import AttentionBackend
+from .attention import AttentionBackend, write_kv
 from .kv_cache import PagedKVCache, SequenceKV
 from .model import InfiniSSTModel
 
@@ -78,8 +78,7 @@ class _GraphAttention(AttentionBackend):
 
     def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor, kv_layer: Tensor) -> Tensor:
         page, offset = self.write_page[: self.tokens], self.write_offset[: self.tokens]
-        kv_layer[page, 0, offset] = k.to(kv_layer.dtype)
-        kv_layer[page, 1, offset] = v.to(kv_layer.dtype)
+        write_kv(kv_layer, page, offset, k, v)
         return self.wrapper.run(q.to(kv_layer.dtype), kv_layer).to(q.dtype)  # as FlashInferAttention.forward
 
 

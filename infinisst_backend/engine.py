@@ -548,10 +548,9 @@ def _pages_from_free_memory(model: InfiniSSTModel, cfg: EngineConfig) -> int:
     if not cfg.device.startswith("cuda"):
         raise ValueError("num_pages=0 (size from free memory) needs a CUDA device; set num_pages on CPU")
     free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
-    llm, speech = model.llm.cfg, model.speech.cfg
-    itemsize = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
-    kv_itemsize = torch.empty(0, dtype=getattr(torch, cfg.kv_dtype)).element_size()
-    page_bytes = 2 * llm.num_hidden_layers * cfg.page_size * llm.num_key_value_heads * llm.head_dim * kv_itemsize
+    speech = model.speech.cfg
+    page_bytes = model.llm.kv_bytes_per_token(getattr(torch, cfg.kv_dtype)) * cfg.page_size
+    itemsize = getattr(torch, cfg.dtype).itemsize
     speech_bytes = 2 * speech.num_layers * speech.max_cache_frames * speech.embed_dim * itemsize * cfg.max_streams
     usable = int(free * cfg.kv_memory_fraction) - speech_bytes
     if usable < page_bytes:

@@ -25,7 +25,7 @@ import logging
 import torch
 from torch import Tensor
 
-from .attention import AttentionBackend, AttentionBatch
+from .attention import AttentionBackend, AttentionBatch, write_kv
 from .config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -91,9 +91,7 @@ class FlashInferAttention(AttentionBackend):
             raise ValueError(f"q has {q.shape[0]} tokens, the planned batch has {batch.num_tokens}")
         if not self._planned:
             self._plan_wrapper(batch, q, kv_layer)
-        # kv_layer[page, 0, offset] is the K row of a slot ([T, Hkv, D] after indexing); index_put writes in place.
-        kv_layer[self._write_page, 0, self._write_offset] = k.to(kv_layer.dtype)
-        kv_layer[self._write_page, 1, self._write_offset] = v.to(kv_layer.dtype)
+        write_kv(kv_layer, self._write_page, self._write_offset, k, v)
         # The kernels take q, K/V and the output in one dtype: the cache's (see EngineConfig.kv_cache_dtype).
         return self._run(batch, q.to(kv_layer.dtype), kv_layer).to(q.dtype)
 
