@@ -36,6 +36,8 @@ GPU_DEFAULTS = {
     "attention_backend": "flashinfer",
     "cuda_graphs": "true",
     "kv_cache_dtype": "auto",
+    "fused_kernels": "true",
+    "decode_tensor_cores": "false",
     "engine_max_batch_size": "256",
     "max_prefill_tokens": "8192",
     "batch_timeout_s": "0.05",

@@ -120,6 +120,16 @@ class AttentionBackend:
         The i-th new token of a sequence sits at position ``kv_len - q_len + i`` and sees cached positions
         ``<=`` its own. Returns ``[T, Hq, D]`` in q's dtype.
         """
+        write_kv(kv_layer, *self.write_slots(), k, v)
+        return self.attend(layer, q, kv_layer)
+
+    def write_slots(self) -> tuple[Tensor, Tensor]:
+        """``(page, offset)`` ``[T]`` of the planned step's new tokens, for a caller that stores K/V itself (the
+        fused kernels of :mod:`.llm_kernels`) and then calls :meth:`attend`."""
+        raise NotImplementedError
+
+    def attend(self, layer: int, q: Tensor, kv_layer: Tensor) -> Tensor:
+        """Attention of ``q`` over the pages, whose new tokens' K/V are stored already (see :meth:`forward`)."""
         raise NotImplementedError
 
 
@@ -160,13 +170,17 @@ class TorchAttention(AttentionBackend):
             q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
             self._masks.append(torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None])
 
-    def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor, kv_layer: Tensor) -> Tensor:
+    def write_slots(self) -> tuple[Tensor, Tensor]:
+        if self._batch is None:
+            raise RuntimeError("TorchAttention used before plan()")
+        return self._write_page, self._write_offset
+
+    def attend(self, layer: int, q: Tensor, kv_layer: Tensor) -> Tensor:
         batch = self._batch
         if batch is None:
-            raise RuntimeError("TorchAttention.forward called before plan()")
+            raise RuntimeError("TorchAttention used before plan()")
         if q.shape[0] != batch.num_tokens:
             raise ValueError(f"q has {q.shape[0]} tokens, the planned batch has {batch.num_tokens}")
-        write_kv(kv_layer, self._write_page, self._write_offset, k, v)
         if self._padded_pages is not None:
             return self._decode(q, kv_layer)
 

@@ -246,6 +246,12 @@ class EngineConfig:
     # FlashInfer's kernels then round their softmax weights and split-k partial outputs to float16 (3 more bits)
     # instead of bfloat16; K/V values convert exactly unless they exceed float16's range (65504) or are tiny.
     kv_cache_dtype: str = "auto"
+    # GPU with flashinfer: decode attention through FlashInfer's tensor-core (prefill) kernels instead of its
+    # CUDA-core decode kernel; faster when each KV head serves several query heads (GQA), the same math.
+    decode_tensor_cores: bool = False
+    # GPU with CUDA graphs: the captured steps run each layer's RMSNorm (with the residual add), RoPE with the K/V
+    # write, and SwiGLU as fused Triton kernels (infinisst_backend.llm_kernels) instead of ~44 small torch kernels.
+    fused_kernels: bool = True
     # "iteration": ORCA-style, new work joins at the next step (prefill first).
     # "static": a batch decodes to the end of its turns before new prefills join (a baseline, not for serving).
     scheduling: str = "iteration"

@@ -24,13 +24,15 @@ for ``max_positions``; a step with a position beyond it runs eagerly, so a graph
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 from functools import partial
 
 import torch
 from torch import Tensor
 
-from .attention import AttentionBackend, write_kv
+from . import llm_kernels
+from .attention import AttentionBackend
 from .kv_cache import PagedKVCache, SequenceKV
 from .model import InfiniSSTModel
 
@@ -76,9 +78,10 @@ class _GraphAttention(AttentionBackend):
     def plan(self, batch) -> None:  # metadata lives in static buffers; planning happens outside the graph
         raise RuntimeError("_GraphAttention is planned through StepGraphs")
 
-    def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor, kv_layer: Tensor) -> Tensor:
-        page, offset = self.write_page[: self.tokens], self.write_offset[: self.tokens]
-        write_kv(kv_layer, page, offset, k, v)
+    def write_slots(self) -> tuple[Tensor, Tensor]:
+        return self.write_page[: self.tokens], self.write_offset[: self.tokens]
+
+    def attend(self, layer: int, q: Tensor, kv_layer: Tensor) -> Tensor:
         return self.wrapper.run(q.to(kv_layer.dtype), kv_layer).to(q.dtype)  # as FlashInferAttention.forward
 
 
@@ -95,6 +98,8 @@ class StepGraphs:
         prefill_q_lens: list[int],
         max_positions: int,
         workspace: Tensor,
+        decode_tensor_cores: bool = False,
+        fused_kernels: bool = True,
     ):
         llm = model.llm
         self.model = model
@@ -109,11 +114,14 @@ class StepGraphs:
         self.prefill_buckets = batch_buckets(max_prefill_batch)
         self.device = device = kv.data.device
         self._workspace = workspace
+        self._decode_tensor_cores = decode_tensor_cores
+        dtype = llm.model.embed_tokens.weight.dtype  # the compute dtype (the KV cache's may differ)
+        # The fused kernels run in the captured passes only (a launch from Python costs more than it saves).
+        self.fused_kernels = fused_kernels and llm_kernels.ready(device, dtype)
         max_tokens = max(self.decode_buckets[-1], self.prefill_buckets[-1] * max_q_len)
         # Host staging (pinned) and device copies of: position, write page, write offset per token.
         self._host = torch.zeros(3, max_tokens, dtype=torch.long).pin_memory()
         self._inputs = torch.zeros(3, max_tokens, dtype=torch.long, device=device)
-        dtype = llm.model.embed_tokens.weight.dtype  # the compute dtype (the KV cache's may differ)
         self._embeds = torch.zeros(max_tokens, llm.cfg.hidden_size, dtype=dtype, device=device)
         self._attn = _GraphAttention(self._inputs[1], self._inputs[2])
         max_rows = max(self.decode_buckets[-1], self.prefill_buckets[-1])
@@ -216,7 +224,11 @@ class StepGraphs:
         )
         if q_len == 1:
             return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self._workspace, kv_layout="NHD", use_cuda_graph=True, **kv_buffers
+                self._workspace,
+                kv_layout="NHD",
+                use_cuda_graph=True,
+                use_tensor_cores=self._decode_tensor_cores,
+                **kv_buffers,
             )
         return flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self._workspace,
@@ -238,7 +250,8 @@ class StepGraphs:
         self._fill_padding(0, tokens, q_len)
         self._inputs[:, :tokens].copy_(self._host[:, :tokens])
         self._attn.wrapper, self._attn.tokens = self._wrappers[key], tokens
-        self._graphs[key] = capture_graph(partial(self._forward, q_len, rows), self.device, self._pool)
+        with llm_kernels.fused_passes() if self.fused_kernels else contextlib.nullcontext():
+            self._graphs[key] = capture_graph(partial(self._forward, q_len, rows), self.device, self._pool)
         self._attn.wrapper = None
 
     def _forward(self, q_len: int, rows: int) -> None:

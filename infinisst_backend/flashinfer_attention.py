@@ -25,7 +25,7 @@ import logging
 import torch
 from torch import Tensor
 
-from .attention import AttentionBackend, AttentionBatch, write_kv
+from .attention import AttentionBackend, AttentionBatch
 from .config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -82,16 +82,20 @@ class FlashInferAttention(AttentionBackend):
         self._write_page = batch.slot_mapping // batch.page_size
         self._write_offset = batch.slot_mapping % batch.page_size
 
-    def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor, kv_layer: Tensor) -> Tensor:
-        """Write k/v at the batch's slots, then paged causal attention. q ``[T, Hq, D]`` -> ``[T, Hq, D]``."""
+    def write_slots(self) -> tuple[Tensor, Tensor]:
+        if self._batch is None:
+            raise RuntimeError("FlashInferAttention used before plan()")
+        return self._write_page, self._write_offset
+
+    def attend(self, layer: int, q: Tensor, kv_layer: Tensor) -> Tensor:
+        """Paged causal attention over the pages (this step's K/V written). q ``[T, Hq, D]`` -> ``[T, Hq, D]``."""
         batch = self._batch
         if batch is None:
-            raise RuntimeError("FlashInferAttention.forward called before plan()")
+            raise RuntimeError("FlashInferAttention used before plan()")
         if q.shape[0] != batch.num_tokens:
             raise ValueError(f"q has {q.shape[0]} tokens, the planned batch has {batch.num_tokens}")
         if not self._planned:
             self._plan_wrapper(batch, q, kv_layer)
-        write_kv(kv_layer, self._write_page, self._write_offset, k, v)
         # The kernels take q, K/V and the output in one dtype: the cache's (see EngineConfig.kv_cache_dtype).
         return self._run(batch, q.to(kv_layer.dtype), kv_layer).to(q.dtype)
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import llm_kernels
 from .attention import AttentionBackend
 from .config import LLMConfig
 from .kv_cache import PagedKVCache
@@ -29,6 +30,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if llm_kernels.active(x) and self.weight.dtype == x.dtype:
+            return llm_kernels.rms_norm(x, self.weight, self.eps)
         compute = torch.promote_types(x.dtype, torch.float32)
         h = x.to(compute)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -57,7 +60,11 @@ class _Fused:
                 m.bias = nn.Parameter(b, requires_grad=False)
 
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return self.joint(x).split(self.sizes, dim=-1)
+
+    def joint(self, x: Tensor) -> Tensor:
+        """The GEMM's output before the split: the modules' outputs side by side."""
+        return F.linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
@@ -86,6 +93,12 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: PagedKVCache, attn: AttentionBackend) -> Tensor:
         num_tokens = x.shape[0]
+        kv_layer = kv.kv_layers[self.layer]
+        if self.qkv is not None and llm_kernels.active(x):  # one kernel: RoPE on q and k, k and v into the pages
+            page, offset = attn.write_slots()
+            qkv = self.qkv.joint(x)
+            q = llm_kernels.rope_write_kv(qkv, cos, sin, page, offset, kv_layer, self.num_heads, self.num_kv_heads)
+            return self.o_proj(attn.attend(self.layer, q, kv_layer).reshape(num_tokens, -1))
         if self.qkv is not None:
             q, k, v = self.qkv(x)
         else:
@@ -94,7 +107,7 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attn.forward(self.layer, q, k, v, kv.kv_layers[self.layer])  # [T, Hq, D]
+        out = attn.forward(self.layer, q, k, v, kv_layer)  # [T, Hq, D]
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
@@ -116,6 +129,8 @@ class MLP(nn.Module):
         self.gate_up = _Fused([self.gate_proj, self.up_proj])
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up is not None and llm_kernels.active(x):
+            return self.down_proj(llm_kernels.silu_mul(self.gate_up.joint(x)))
         gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(F.silu(gate) * up)
 
@@ -129,8 +144,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, kv: PagedKVCache, attn: AttentionBackend) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv, attn)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(h), cos, sin, kv, attn)
+        norm = self.post_attention_layernorm
+        if llm_kernels.active(h) and norm.weight.dtype == h.dtype:  # the residual add and the norm in one kernel
+            x, h = llm_kernels.rms_norm(h, norm.weight, norm.eps, residual=a)
+        else:
+            h = h + a
+            x = norm(h)
+        return h + self.mlp(x)
 
 
 class Backbone(nn.Module):

@@ -33,7 +33,7 @@ def make_attention_backend(cfg: EngineConfig):
     if cfg.attention_backend == "flashinfer":
         from .flashinfer_attention import FlashInferAttention  # GPU only; imported lazily
 
-        return FlashInferAttention(cfg)
+        return FlashInferAttention(cfg, decode_tensor_cores=cfg.decode_tensor_cores)
     return TorchAttention()
 
 
@@ -130,6 +130,8 @@ class ModelRunner:
             # The longest a sequence gets: system prompt + window + a turn (prompt and generated tokens), with room.
             max_positions=self.cfg.max_llm_cache_tokens + 1024,
             workspace=self.attn.workspace,
+            decode_tensor_cores=self.cfg.decode_tensor_cores,
+            fused_kernels=self.cfg.fused_kernels,
         )
 
     def _forward(self, seqs: list[SequenceKV], embeds: torch.Tensor, lengths: list[int]) -> torch.Tensor:

@@ -165,15 +165,16 @@ def _tiny_model():
     return model.to(torch.bfloat16).eval(), cfg
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "float16"])
-def test_runner_flashinfer_matches_torch_with_eviction(kv_cache_dtype):
+@pytest.mark.parametrize("kv_cache_dtype, tensor_cores", [("auto", False), ("float16", False), ("auto", True)])
+def test_runner_flashinfer_matches_torch_with_eviction(kv_cache_dtype, tensor_cores):
     """Prefill, decode steps and a turn-aligned compaction through both backends; the same tokens are fed. With a
-    float16 cache under the bf16 model, FlashInfer runs in float16 and returns bf16."""
+    float16 cache under the bf16 model, FlashInfer runs in float16 and returns bf16; with ``decode_tensor_cores``
+    its decode steps run the tensor-core kernels."""
     from infinisst_backend.model_runner import ModelRunner
 
     model, _ = _tiny_model()
     ref = ModelRunner(model, _cfg(attention_backend="torch"), 512)
-    fi = ModelRunner(model, _cfg(kv_cache_dtype=kv_cache_dtype), 512)
+    fi = ModelRunner(model, _cfg(kv_cache_dtype=kv_cache_dtype, decode_tensor_cores=tensor_cores), 512)
     assert fi.kv.data.dtype == (torch.float16 if kv_cache_dtype == "float16" else torch.bfloat16)
     rng = np.random.default_rng(0)
     seqs = [(ref.new_sequence(), fi.new_sequence()) for _ in range(3)]
@@ -225,16 +226,29 @@ def test_engine_flashinfer_greedy_and_beam_no_leak():
     assert pool.num_free == pool.num_pages, "every page must be back in the pool"
 
 
-@pytest.mark.parametrize("batch, kv_cache_dtype", [(1, "auto"), (3, "auto"), (8, "auto"), (11, "auto"), (3, "float16")])
-def test_cuda_graphs_match_eager(batch, kv_cache_dtype):
+@pytest.mark.parametrize(
+    "batch, kv_cache_dtype, tensor_cores",
+    [
+        (1, "auto", False),
+        (3, "auto", False),
+        (8, "auto", False),
+        (11, "auto", False),
+        (3, "float16", False),
+        (3, "auto", True),
+        (11, "auto", True),
+    ],
+)
+def test_cuda_graphs_match_eager(batch, kv_cache_dtype, tensor_cores):
     """Graph replays of prefills (equal prompt lengths) and decodes, padded up to a bucket (11 > max_batch_size
     runs eagerly), == the eager FlashInfer path; scratch pages sit outside the pool; nothing leaks."""
     from infinisst_backend.model_runner import ModelRunner
 
     model, _ = _tiny_model()
-    eager = ModelRunner(model, _cfg(cuda_graphs=False, max_batch_size=8, kv_cache_dtype=kv_cache_dtype), 512)
-    graphs = ModelRunner(model, _cfg(max_batch_size=8, kv_cache_dtype=kv_cache_dtype), 512)
+    opts = dict(max_batch_size=8, kv_cache_dtype=kv_cache_dtype, decode_tensor_cores=tensor_cores)
+    eager = ModelRunner(model, _cfg(cuda_graphs=False, **opts), 512)
+    graphs = ModelRunner(model, _cfg(**opts), 512)
     assert eager.graphs is None and graphs.graphs.decode_buckets == [1, 2, 4, 8]
+    assert graphs.graphs.fused_kernels, "the graphs capture the fused LLM kernels by default"
     assert graphs.graphs.scratch_pages == [512, 513, 514] and graphs.kv.data.shape[1] == 515  # 34 tokens (m=2)
     rng = np.random.default_rng(batch)
     seqs = [(eager.new_sequence(), graphs.new_sequence()) for _ in range(batch)]
@@ -417,3 +431,53 @@ def test_runner_encodes_speech_through_graphs():
         for g, w in zip(got, want):
             assert g.shape == w.shape and _rel(g, w) < 2e-2
     assert replays == [0, 2, 2, 2]  # first chunks eager; every later full chunk replays (one graph per m)
+
+
+def test_llm_kernels_bitwise_on_gpu():
+    """The fused LLM kernels in bf16 on the GPU: RoPE with the K/V write, SwiGLU and the residual add bit for bit the
+    torch ops; RMSNorm within one bf16 unit in rare elements (the sum's order)."""
+    import torch.nn.functional as F
+
+    from infinisst_backend import llm_kernels
+    from infinisst_backend.attention import write_kv
+    from infinisst_backend.llm import RMSNorm
+    from infinisst_backend.rope import RotaryEmbedding, apply_rotary
+
+    assert llm_kernels.ready("cuda", torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    tokens, heads, kv_heads, dim, page_size, pages = 37, 32, 8, 128, 16, 40
+    rope = RotaryEmbedding(LLMConfig(head_dim=dim, hidden_size=4096, num_attention_heads=heads, rope_theta=5e5))
+    positions = torch.randint(0, 1100, (tokens,), device="cuda", generator=gen)
+    cos, sin = rope.cos_sin(positions, torch.bfloat16)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen, **bf16)
+    slots = torch.randperm(pages * page_size, device="cuda", generator=gen)[:tokens]
+    page, offset = slots // page_size, slots % page_size
+    kv = torch.randn(pages, 2, page_size, kv_heads, dim, generator=gen, **bf16)
+    want_kv = kv.clone()
+    q = llm_kernels.rope_write_kv(qkv, cos, sin, page, offset, kv, heads, kv_heads)
+    q_ref, k_ref, v_ref = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q_ref = apply_rotary(q_ref.view(tokens, heads, dim), cos, sin)
+    write_kv(
+        want_kv,
+        page,
+        offset,
+        apply_rotary(k_ref.view(tokens, kv_heads, dim), cos, sin),
+        v_ref.view(tokens, kv_heads, dim),
+    )
+    assert torch.equal(q, q_ref) and torch.equal(kv, want_kv)
+
+    gate_up = 3 * torch.randn(tokens, 2 * 14336, generator=gen, **bf16)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(llm_kernels.silu_mul(gate_up), F.silu(gate) * up)
+
+    norm = RMSNorm(4096, 1e-5).to(**bf16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=gen)
+    x, a = (2 * torch.randn(tokens, 4096, generator=gen, **bf16) for _ in range(2))
+    got, h = llm_kernels.rms_norm(x, norm.weight.detach(), norm.eps, residual=a)
+    assert torch.equal(h, x + a)
+    want = norm(x + a)
+    off = (got != want).float().mean().item()
+    assert off < 1e-3, f"{off:.2%} of RMSNorm outputs differ"
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0)

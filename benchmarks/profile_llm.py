@@ -1,0 +1,239 @@
+"""Kernel-by-kernel profile of the LLM's decode and prefill steps at the paper's dimensions (GPU, FlashInfer).
+
+Builds the Llama-3.1-8B-sized LLM with random bf16 weights (``gpu_streams.build_dummy_model``), fills a KV pool with
+random values, and for each variant of the attention times decode steps (``--batch``: rows, every row with a
+``--context``-token cache) and a steady-state prefill (``--prefill-batch`` streams, a later turn's 22-token prompt
+each), through the runner's CUDA graphs as serving runs them. At ``--profile-batch`` it prints the CUDA kernels of
+one step grouped by name and by kind (GEMM, attention, elementwise, ...), in microseconds per step:
+
+    python benchmarks/profile_llm.py --batch 1,32,64,128,256 --variants reference,fused --out DIR
+
+Variants: ``reference`` (the graphs capture the torch ops, ``EngineConfig.fused_kernels=False``), ``fused`` (the
+default: :mod:`infinisst_backend.llm_kernels`' fused RMSNorm, RoPE + K/V write and SwiGLU) and
+``fused+tensor_cores`` (also ``decode_tensor_cores``: decode through FlashInfer's tensor-core prefill kernels). Every
+variant sees the same weights and cache contents, so the script also prints how far each variant's decode logits are
+from the first variant's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_streams import PAGE_SIZE, build_dummy_model, gpu_info, paper_model_config  # noqa: E402
+
+from infinisst_backend.config import EMBEDDINGS_PER_UNIT, EngineConfig  # noqa: E402
+from infinisst_backend.model_runner import ModelRunner  # noqa: E402
+
+# EngineConfig overrides of each variant (graphs on in all)
+VARIANTS = {
+    "reference": {"fused_kernels": False},  # the torch ops in the graphs
+    "fused": {"fused_kernels": True},  # llm_kernels' fused norm, RoPE + K/V write and SwiGLU (the default)
+    "fused+tensor_cores": {"fused_kernels": True, "decode_tensor_cores": True},  # decode on FlashInfer's TC kernels
+}
+# A later turn's prompt at m=1: 5 ids, 12 speech rows, 5 ids (gpu_streams.measure_parts uses the same).
+PREFIX = [128009, 128006, 882, 128007, 271]
+SUFFIX = [128009, 128006, 78191, 128007, 271]
+
+KINDS = [  # (kind, pattern over the kernel name), first match wins
+    ("attention", r"flashinfer|BatchDecode|BatchPrefill|Attention|fmha|flash"),
+    ("gemm", r"gemm|nvjet|cutlass|xmma|sm90_|splitK|Kernel2"),
+    ("reduce", r"reduce|norm|mean"),
+    ("copy/cat/index", r"copy|cat|index|gather|scatter|Cat"),
+    ("elementwise", r"elementwise|vectorized|unrolled"),
+]
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
+def kernel_profile(fn, steps: int) -> dict:
+    """CUDA kernels of ``steps`` calls of ``fn``, in microseconds per call: by name and by kind."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        entry = by_name[event.name]
+        entry[0] += event.time_range.elapsed_us() / steps
+        entry[1] += 1 / steps
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, (us, _) in by_name.items():
+        by_kind[kind_of(name)] += us
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    return {
+        "total_us": sum(us for us, _ in by_name.values()),
+        "kernels_per_step": sum(n for _, n in by_name.values()),
+        "by_kind_us": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "top": [{"name": n[:110], "us": us, "calls": c, "kind": kind_of(n)} for n, (us, c) in top[:25]],
+    }
+
+
+def print_profile(title: str, prof: dict) -> None:
+    print(f"--- {title}: {prof['total_us'] / 1e3:.2f} ms of kernels, {prof['kernels_per_step']:.0f} kernels per step")
+    print("    by kind: " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in prof["by_kind_us"].items()))
+    for row in prof["top"]:
+        print(f"    {row['us']:9.1f} us {row['calls']:6.0f}x  [{row['kind']}] {row['name']}")
+
+
+def run_variant(model, name: str, args, batches: list[int]) -> dict:
+    hidden = model.llm.cfg.hidden_size
+    pages_per_seq = math.ceil((args.context + 200) / PAGE_SIZE)
+    max_rows = max(batches + [args.prefill_batch])
+    num_pages = max_rows * pages_per_seq + 8
+    cfg = EngineConfig(
+        device="cuda",
+        dtype="bfloat16",
+        attention_backend="flashinfer",
+        max_batch_size=max(batches),
+        page_size=PAGE_SIZE,
+        num_pages=num_pages,
+        max_streams=1,
+        **VARIANTS[name],
+    )
+    t0 = time.perf_counter()
+    runner = ModelRunner(model, cfg, num_pages)
+    print(f"[{name}] runner with graphs built in {time.perf_counter() - t0:.0f} s", flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    runner.kv.data.normal_(generator=gen)  # never time on zeros; the same contents for every variant
+    result: dict = {"variant": name, "decode": [], "prefill": None}
+    rng = np.random.default_rng(0)
+    # One decode step from the fresh pool (the same pages and contents in every variant), to compare logits.
+    seqs = [runner.new_sequence() for _ in range(args.profile_batch)]
+    for seq in seqs:
+        seq.reserve(args.context)
+    result["decode_logits"] = runner.decode(seqs, rng.integers(0, 128_000, len(seqs)).tolist()).float().cpu()
+    for seq in seqs:
+        seq.release()
+    for b in batches:
+        seqs = [runner.new_sequence() for _ in range(b)]
+        for seq in seqs:
+            seq.reserve(args.context)
+        tokens = rng.integers(0, 128_000, b).tolist()
+
+        step = partial(runner.decode, seqs, tokens)
+        ms = median_ms(step, args.repeats)
+        row = {"batch": b, "step_ms": ms, "rows_per_s": b / ms * 1e3}
+        if b == args.profile_batch:
+            row["profile"] = kernel_profile(step, 5)
+            print_profile(f"[{name}] decode B={b}", row["profile"])
+        result["decode"].append(row)
+        for seq in seqs:
+            seq.release()
+        print(f"[{name}] decode B={b:4d}: {ms:.2f} ms ({b / ms * 1e3:.0f} rows/s)", flush=True)
+    # Steady-state prefill: every stream appends a 22-token later-turn prompt (a graphed shape).
+    b = args.prefill_batch
+    seqs = [runner.new_sequence() for _ in range(b)]
+    for seq in seqs:
+        seq.reserve(args.context)
+    speech = torch.randn(EMBEDDINGS_PER_UNIT, hidden, device="cuda", dtype=model.dtype)
+    parts = [(PREFIX, speech, SUFFIX)] * b
+    tokens = len(PREFIX) + EMBEDDINGS_PER_UNIT + len(SUFFIX)
+
+    def prefill():
+        for seq in seqs:  # keep the context length fixed: drop what the last call appended
+            seq.release()
+        seqs[:] = [runner.new_sequence() for _ in range(b)]
+        for seq in seqs:
+            seq.reserve(args.context)
+        return runner.prefill(seqs, parts)
+
+    ms = median_ms(prefill, max(4, args.repeats // 4))
+    prof = kernel_profile(prefill, 3)
+    print_profile(f"[{name}] prefill {b} x {tokens} tokens", prof)
+    result["prefill"] = {"batch": b, "tokens": b * tokens, "step_ms": ms, "tokens_per_s": b * tokens / ms * 1e3}
+    result["prefill_profile"] = prof
+    print(f"[{name}] prefill {b} x {tokens} tokens: {ms:.2f} ms ({b * tokens / ms * 1e3:.0f} tokens/s)", flush=True)
+    for seq in seqs:
+        seq.release()
+    runner.graphs = runner.speech_graphs = None  # free the graphs' memory before the next variant
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", default="1,32,64,128,256", help="decode batch sizes (rows)")
+    parser.add_argument("--profile-batch", type=int, default=32, help="decode batch whose kernels are listed")
+    parser.add_argument("--prefill-batch", type=int, default=16, help="streams in the profiled prefill")
+    parser.add_argument("--context", type=int, default=1040, help="cached tokens per row")
+    parser.add_argument("--variants", default="reference,fused", help=f"some of {', '.join(VARIANTS)}")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=32, help="LLM layers (fewer: a quicker, partial profile)")
+    parser.add_argument("--out", default=None, help="folder for profile_llm.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("profile_llm.py needs a CUDA GPU")
+    batches = [int(b) for b in args.batch.split(",")]
+    if args.profile_batch not in batches:
+        batches = sorted(batches + [args.profile_batch])
+    model = build_dummy_model(paper_model_config(args.layers))
+    info = gpu_info("cuda")
+    print(json.dumps(info), flush=True)
+    results = [run_variant(model, v, args, batches) for v in args.variants.split(",")]
+    base = results[0].get("decode_logits")
+    for r in results:
+        logits = r.pop("decode_logits", None)
+        if base is not None and logits is not None:
+            err = ((logits - base).norm(dim=-1) / base.norm(dim=-1)).median().item()
+            agree = (logits.argmax(-1) == base.argmax(-1)).float().mean().item()
+            r["decode_logits_vs_first_variant"] = {"rel_error_median": err, "argmax_agreement": agree}
+            print(
+                f"[{r['variant']}] decode logits vs {results[0]['variant']}: rel. error {err:.2e}, argmax {agree:.3f}"
+            )
+    print("\n| variant | " + " | ".join(f"decode B={b} (ms)" for b in batches) + " | prefill tokens/s |")
+    print("|---|" + "---|" * (len(batches) + 1))
+    for r in results:
+        cells = " | ".join(f"{d['step_ms']:.2f}" for d in r["decode"])
+        print(f"| {r['variant']} | {cells} | {r['prefill']['tokens_per_s']:.0f} |")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report = {
+            "gpu": info,
+            "command": "python benchmarks/profile_llm.py " + " ".join(sys.argv[1:]),
+            "results": results,
+        }
+        (out / "profile_llm.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
