@@ -310,7 +310,29 @@ class Bench:
 
 
 def run_trial(bench: Bench, setting: Setting, n: int, scheduling: str, seed: int) -> dict:
-    """N staggered real-time streams for ``--seconds`` of audio each, on a fresh engine; latency statistics."""
+    """N staggered real-time streams for ``--seconds`` of audio each, on a fresh engine; latency statistics.
+
+    A trial that runs out of GPU memory (activations beyond the headroom the memory limit keeps) is a failed
+    trial, reported as such, and the sweep goes on."""
+    wall0 = time.perf_counter()
+    try:
+        return _run_trial(bench, setting, n, scheduling, seed)
+    except torch.OutOfMemoryError as e:
+        message = str(e).split(". ")[0]
+    gc.collect()  # the failed engine is unreachable once the exception is gone
+    torch.cuda.empty_cache()
+    wall = time.perf_counter() - wall0
+    return {
+        "streams": n,
+        "scheduling": scheduling,
+        "passes": False,
+        "reason": "out of memory",
+        "error": message,
+        "wall_s": wall,
+    }
+
+
+def _run_trial(bench: Bench, setting: Setting, n: int, scheduling: str, seed: int) -> dict:
     args = bench.args
     period = setting.period_s
     num_chunks = max(1, math.ceil(args.seconds / period))
@@ -558,6 +580,9 @@ def _print_trial(setting: Setting, r: dict) -> None:
     if r.get("reason") == "memory":
         print(f"  {setting.name} {r['scheduling']:9s} N={r['streams']:4d}  over the memory limit", flush=True)
         return
+    if r.get("reason") == "out of memory":
+        print(f"  {setting.name} {r['scheduling']:9s} N={r['streams']:4d}  FAIL out of GPU memory: {r['error']}")
+        return
     print(
         f"  {setting.name} {r['scheduling']:9s} N={r['streams']:4d}  p50={_f(r['p50_s'])} p95={_f(r['p95_s'])} "
         f"p99={_f(r['p99_s'])}  busy={r['busy_fraction']:.2f} wall={r['wall_s']:.0f}s "
@@ -757,6 +782,9 @@ def write_report(report: dict, out: Path) -> None:
                 if r.get("reason") == "memory":
                     continue
                 n = f"{r['streams']}{' (repeat)' if r.get('repeat') else ''}"
+                if r.get("reason") == "out of memory":
+                    lines.append(f"| {name} | {sched} | {n} | | | | | | no (out of GPU memory) |")
+                    continue
                 lines.append(
                     f"| {name} | {sched} | {n} | {_f(r['p50_s'])} | {_f(r['p95_s'])} | {_f(r['p99_s'])} | "
                     f"{_f(r['ca_delay_p95_s'])} | {r['busy_fraction']:.2f} | "
@@ -864,6 +892,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the harness, no figures")
     parser.add_argument("--merge", nargs="+", metavar="RUN_JSON", help="pool earlier runs' trials (no GPU needed)")
+    parser.add_argument(
+        "--combine", nargs="+", metavar="RUN_JSON", help="one report from runs of different settings (no GPU needed)"
+    )
     return parser.parse_args(argv)
 
 
@@ -931,10 +962,45 @@ def merge_runs(paths: list[str], out: Path) -> None:
     _plot(report, out.with_suffix(".png"))
 
 
+def combine_runs(paths: list[str], out: Path) -> None:
+    """One report from runs that each measured other settings (same GPU, same code): every setting keeps the N*,
+    baselines and trials of the run that measured it; the decode/prefill table comes from the run with the most
+    batch sizes. ``--combine`` is for one headline measured in several calls (each within a device time limit)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    if len({r["gpu"] for r in runs}) != 1:
+        raise ValueError("runs from different GPUs cannot be combined")
+    report = json.loads(json.dumps(runs[0]))
+    report["command"] = " ; ".join(r["command"] for r in runs)
+    report["combined_from"] = [{"command": r["command"], "settings": list(r["settings"])} for r in runs]
+    report["elapsed_s"] = sum(r["elapsed_s"] for r in runs)
+    settings, naive, speech, reserved = {}, {}, {}, {}
+    for r in runs:
+        for name, s in r["settings"].items():
+            if name in settings:
+                raise ValueError(f"setting {name} was measured by more than one run")
+            settings[name] = s
+        naive.update(r.get("naive") or {})
+        speech.update(r["memory"]["speech_cache_bytes"])
+        reserved.update(r["memory"]["reserved_bytes_per_stream"])
+    order = list(SETTINGS)
+    report["settings"] = {name: settings[name] for name in sorted(settings, key=order.index)}
+    report["naive"] = {name: naive[name] for name in report["settings"] if name in naive}
+    report["memory"]["speech_cache_bytes"], report["memory"]["reserved_bytes_per_stream"] = speech, reserved
+    with_parts = [r for r in runs if r.get("parts")]
+    if with_parts:
+        report["parts"] = max(with_parts, key=lambda r: len(r["parts"]["decode"]))["parts"]
+    m1 = [r for r in runs if "greedy_m1" in r["settings"]]
+    report["memory_limit_streams"] = (m1 or runs)[0]["memory_limit_streams"]
+    write_report(report, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.merge:
         merge_runs(args.merge, Path(args.out))
+        return
+    if args.combine:
+        combine_runs(args.combine, Path(args.out))
         return
     t_start = time.perf_counter()
     if args.smoke:  # the harness end to end on CPU with a tiny model and the torch attention
