@@ -38,7 +38,7 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor
 
-from .window_kernel import interpreting
+from .window_kernel import interpreting, triton_importable
 
 logger = logging.getLogger(__name__)
 
@@ -133,15 +133,6 @@ def _kernels():
     return rms_norm_kernel, rope_write_kv_kernel, silu_mul_kernel
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def fused_passes() -> Iterator[None]:
     """LLM forwards inside use the fused kernels where :func:`active` (CUDA-graph warm-ups and captures)."""
@@ -170,7 +161,7 @@ def ready(device: torch.device | str, dtype: torch.dtype) -> bool:
     whether they are usable."""
     if _disabled is not None:
         return False
-    if not _triton_importable():
+    if not triton_importable():
         disable("triton is not installed")
         return False
     if dtype not in _DTYPES:

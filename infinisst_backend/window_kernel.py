@@ -108,7 +108,7 @@ def _kernel():
 
 
 @functools.cache
-def _triton_importable() -> bool:
+def triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -125,7 +125,7 @@ def usable(x: Tensor, head_dim: int) -> bool:
     """Whether :func:`window_keys_values` runs for tensors like ``x``: a CUDA tensor (any tensor under Triton's
     interpreter) of a supported dtype, a power-of-two head dim, and Triton importable."""
     shape_ok = x.dtype in _DTYPES and head_dim >= 2 and head_dim & (head_dim - 1) == 0
-    return _disabled is None and (x.is_cuda or interpreting()) and shape_ok and _triton_importable()
+    return _disabled is None and (x.is_cuda or interpreting()) and shape_ok and triton_importable()
 
 
 def disable(reason: str) -> None:

@@ -17,6 +17,7 @@ from infinisst_backend.config import LLMConfig
 from infinisst_backend.kv_cache import PagedKVCache
 from infinisst_backend.llm import LLM, RMSNorm
 from infinisst_backend.rope import RotaryEmbedding, apply_rotary
+from tests.test_llm import CONFIGS
 
 pytest.importorskip("triton")
 
@@ -89,16 +90,7 @@ def test_silu_mul(interpreted):
 
 def _tiny_llm() -> LLM:
     torch.manual_seed(0)
-    cfg = LLMConfig(
-        architecture="llama",
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    )
+    cfg = CONFIGS["llama3"]  # Llama-3.1's RoPE scaling, GQA (4 query / 2 KV heads)
     llm = LLM(cfg).eval()
     with torch.no_grad():  # non-trivial norm weights
         for module in llm.modules():
