@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infinisst_backend.config import SAMPLES_PER_UNIT, DecodingConfig, EngineConfig
+from infinisst_backend.config import EMBEDDINGS_PER_UNIT, SAMPLES_PER_UNIT, DecodingConfig, EngineConfig
 from infinisst_backend.engine import Engine
 from infinisst_backend.events import StreamError, TurnEnded
 from infinisst_backend.model_runner import DTYPES, ModelRunner
@@ -76,6 +76,13 @@ from gpu_streams import (  # noqa: E402  (a sibling script, not a package)
 )
 
 WINDOW = 1000
+SPEECH_TEXT = {
+    "noise": "Teacher-forced speech rows: noise through the random speech encoder.",
+    "text": "Teacher-forced speech rows: the LLM's own embeddings of an English talk's tokens "
+    "(benchmarks/data/parity_text.txt, 12 per chunk), as a trained adapter would aim for; the free-running check "
+    "still uses noise.",
+}
+TEXT_PATH = Path(__file__).resolve().parent / "data" / "parity_text.txt"  # --speech text
 TURN_MATCH_REQUIRED = 0.99
 FLOOR_FACTOR = 2.0  # FlashInfer may differ from torch at most this many times as much as torch from itself
 NEAR_TIE = 0.1  # a reference top-1 - top-2 logit margin below this is a near-tie (bf16 rounding can flip it)
@@ -206,8 +213,27 @@ class _Compare:
         }
 
 
-def teacher_forced(model, tokenizer, model_cfg, target: Target, streams: int, chunks: int, seed: int, solo: int):
+def text_token_ids(tokenizer) -> list[int]:
+    """Token ids of ``benchmarks/data/parity_text.txt`` (an English talk, written for this check)."""
+    return tokenizer.encode(TEXT_PATH.read_text().strip(), add_special_tokens=False)
+
+
+def text_rows(model, ids: list[int], start: int) -> torch.Tensor:
+    """The LLM's embeddings ``[12, H]`` of the 12 tokens of ``ids`` from ``start`` on (wrapping around)."""
+    chunk = [ids[(start + j) % len(ids)] for j in range(EMBEDDINGS_PER_UNIT)]
+    device = model.llm.model.embed_tokens.weight.device
+    with torch.inference_mode():
+        return model.llm.embed(torch.tensor(chunk, device=device))
+
+
+def teacher_forced(
+    model, tokenizer, model_cfg, target: Target, streams: int, chunks: int, seed: int, solo: int, speech_source: str
+):
     """Check 1: the candidate runner and the torch runner, both fed the torch path's tokens, turn by turn.
+
+    ``speech_source``: ``noise`` (noise through the speech encoder) or ``text`` (each chunk's 12 speech rows are the
+    LLM's own embeddings of the next 12 tokens of an English talk, ``benchmarks/data/parity_text.txt``, each stream
+    starting elsewhere in it: what a trained adapter aims at, and inputs with a clear next token).
 
     The bf16 noise floor: the first ``solo`` streams also run through a third runner (torch attention) one
     sequence at a time. Only the batch composition differs from the reference (so the GEMMs round differently),
@@ -230,9 +256,13 @@ def teacher_forced(model, tokenizer, model_cfg, target: Target, streams: int, ch
     evictions = 0
     evicted = [False] * streams
     layer0_close, layer0_ulps = True, 0.0
+    text_ids = text_token_ids(tokenizer) if speech_source == "text" else []
     for k in range(chunks):
         audio = [(0.1 * rng.standard_normal(SAMPLES_PER_UNIT)).astype(np.float32) for _ in range(streams)]
-        speech = ref.encode_speech(caches, audio)  # shared by all paths
+        if speech_source == "text":
+            speech = [text_rows(model, text_ids, (i * 61 + k) * EMBEDDINGS_PER_UNIT) for i in range(streams)]
+        else:
+            speech = ref.encode_speech(caches, audio)  # shared by all paths
         turn = [prompts.first_turn("German", 1) if k == 0 else prompts.next_turn(1) for _ in range(streams)]
         parts = [(p.prefix_ids, emb, p.suffix_ids) for p, emb in zip(turn, speech)]
         logits_ref = ref.prefill([s[0] for s in seqs], parts)
@@ -428,6 +458,13 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=WINDOW, help="LLM cache window in tokens (eviction)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--speech",
+        choices=("noise", "text"),
+        default="noise",
+        help="teacher-forced check's speech rows: noise through the speech encoder, or the LLM's embeddings of an "
+        "English talk's tokens (a trained adapter's target; inputs with a clear next token)",
+    )
+    parser.add_argument(
         "--no-cuda-graphs",
         action="store_true",
         help="run the FlashInfer side's decode steps eagerly (the torch side is always eager): separates the graphs' "
@@ -454,7 +491,9 @@ def main() -> None:
     t0 = time.perf_counter()
     model, tokenizer, model_cfg, model_info = build_model(args, target)
     print(f"model ({time.perf_counter() - t0:.0f} s): {model_info['text']}", flush=True)
-    forced = teacher_forced(model, tokenizer, model_cfg, target, args.streams, args.chunks, args.seed, args.solo)
+    forced = teacher_forced(
+        model, tokenizer, model_cfg, target, args.streams, args.chunks, args.seed, args.solo, args.speech
+    )
     print("teacher-forced:", json.dumps(forced), flush=True)
     free = free_running(model, tokenizer, model_cfg, target, max(1, args.streams // 2), args.engine_seconds, args.seed)
     print("free-running:", json.dumps({k: v for k, v in free.items() if k != "first_differing_turn"}), flush=True)
@@ -517,6 +556,7 @@ def make_report(args, target: Target, model_info: dict, forced: dict, free: dict
             "candidate_kv_cache_dtype": target.candidate_kv_dtype,
         },
         "window": target.window,
+        "speech": args.speech,
         "environment": gpu_info(target.device),
         "layers": model_info["layers"],
         "teacher_forced": forced,
@@ -550,7 +590,8 @@ def markdown(report: dict) -> str:
     lines += [
         f"{env['gpu']}, torch {env['torch']}, FlashInfer {env.get('flashinfer', '-')}; {info['text']}; greedy m=1, "
         f"{report['window']}-token window; logits: {report['logits']}. Reference: torch attention (float32 "
-        f"softmax); candidate: {candidate} (KV cache dtype {report['attention']['candidate_kv_cache_dtype']}).",
+        f"softmax); candidate: {candidate} (KV cache dtype {report['attention']['candidate_kv_cache_dtype']}). "
+        + SPEECH_TEXT[report.get("speech", "noise")],
         "",
         f"Command: `{report['command']}`",
         "",
