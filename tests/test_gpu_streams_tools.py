@@ -1,0 +1,69 @@
+"""The streams benchmark's bookkeeping (``benchmarks/gpu_streams.py``), without a GPU: an out-of-memory trial is a
+failed trial and the sweep goes on; ``--combine`` joins runs that measured different settings."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_streams  # noqa: E402
+
+RUNS = ROOT / "docs" / "benchmarks" / "gpu_streams_runs"
+
+
+def _bench(limit: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        memory_limit=lambda setting: limit,
+        deadline=float("inf"),
+        args=SimpleNamespace(seconds=60.0),
+    )
+
+
+def test_out_of_memory_trial_fails_and_the_sweep_goes_on(monkeypatch):
+    """Trials pass up to 120 streams, fail on latency up to 140 and run out of GPU memory above: the sweep records the
+    out-of-memory trial as a failure and still brackets N* between a pass and a fail."""
+
+    def trial(bench, setting, n, scheduling, seed):
+        if n > 140:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 390.00 MiB")
+        return {"streams": n, "scheduling": scheduling, "passes": n <= 120, "wall_s": 1.0, "p95_s": 0.4}
+
+    monkeypatch.setattr(gpu_streams, "_run_trial", trial)
+    monkeypatch.setattr(gpu_streams, "_print_trial", lambda setting, r: None)
+    setting = gpu_streams.SETTINGS["greedy_m1"]
+    result = gpu_streams.sweep(_bench(limit=296), setting, "iteration", start=100, budget_s=1e6, seed=0)
+    tried = {t["streams"]: t for t in result["trials"]}
+    oom = [t for t in result["trials"] if t.get("reason") == "out of memory"]
+    assert oom and all(not t["passes"] and "out of memory" in t["error"] and t["streams"] > 140 for t in oom)
+    assert result["n_star"] == max(n for n, t in tried.items() if t["passes"])
+    assert 100 <= result["n_star"] <= 120
+    assert result["first_fail"] > result["n_star"]
+
+
+def test_combine_joins_runs_of_different_settings(tmp_path):
+    m1, m2 = RUNS / "gpu_streams_m1_8f6ea59.json", RUNS / "gpu_streams_m2_beam4_8f6ea59.json"
+    out = tmp_path / "combined"
+    gpu_streams.combine_runs([str(m1), str(m2)], out)
+    report = json.loads(out.with_suffix(".json").read_text())
+    runs = [json.loads(p.read_text()) for p in (m1, m2)]
+    assert list(report["settings"]) == ["greedy_m1", "greedy_m2", "beam4_m2"]
+    for name, s in report["settings"].items():  # every setting's figures from the run that measured it
+        source = next(r for r in runs if name in r["settings"])
+        assert s == source["settings"][name]
+        assert report["naive"][name] == source["naive"][name]
+    assert report["memory_limit_streams"] == runs[0]["memory_limit_streams"]
+    assert report["parts"] == runs[0]["parts"]  # the run with the most batch sizes
+    assert report["command"] == f"{runs[0]['command']} ; {runs[1]['command']}"
+    table = out.with_suffix(".md").read_text()
+    assert "| greedy_m1 | 242 | 60 | 7 |" in table and "| beam4_m2 | 90 | 40 | 8 |" in table
+    assert "| greedy_m2 | iteration | 290 | | | | | | no (out of GPU memory) |" in table
+    with pytest.raises(ValueError, match="more than one run"):
+        gpu_streams.combine_runs([str(m1), str(m1)], tmp_path / "twice")
