@@ -235,6 +235,10 @@ _Positions = tuple[int | Tensor, int | Tensor]
 # `benchmarks/profile_encoder.py --modes kernel,kernel+fused` times both on a GPU (H100, 16 streams graphed: 11.9 ->
 # 9.7 ms, embeddings 1.2e-2 off the reference); off, the served path keeps the reference's bits.
 FUSED_ATTENTION = False
+# Streams per eager encoder batch. A burst of first chunks (every stream opening within one period) would otherwise run
+# as one batch whose activations grow with the stream count: at 290 paper-size streams the CNN's fp32 layer norm
+# alone asked for more than the 8 GiB a full KV pool leaves free. Larger batches gain little (compute-bound).
+MAX_EAGER_BATCH = 64
 
 # The cached window's keys and values built by one Triton kernel (gather, concatenation and key RoPE in one pass,
 # :mod:`.window_kernel`; bit for bit the reference arithmetic below) in the passes captured into CUDA graphs
@@ -695,7 +699,7 @@ class SpeechFrontend(nn.Module):
         pending: _GroupUpdate | None = None  # the last replay's update: it reads the graphs' static outputs
         for key, members in groups.items():
             graphed = key[-1]
-            size = graphs.max_batch if graphed else len(members)
+            size = graphs.max_batch if graphed else min(len(members), MAX_EAGER_BATCH)
             for begin in range(0, len(members), size):
                 part = members[begin : begin + size]
                 group, samples = [caches[i] for i in part], [samples_list[i] for i in part]
