@@ -65,6 +65,9 @@ P99_LIMIT_S = 1.0
 VOCAB_SIZE = 128_263  # Llama-3.1 + InfiniSST's 7 added tokens (model doc §1.4)
 HEADROOM_BYTES = 8 << 30  # activations, workspaces and allocator slack kept free of caches
 PAGE_SIZE = 16
+# A later turn's prompt around its 12m speech rows (Llama-3.1 ids): <|eot_id|> user header, then assistant header.
+LATER_TURN_PREFIX = [128009, 128006, 882, 128007, 271]
+LATER_TURN_SUFFIX = [128009, 128006, 78191, 128007, 271]
 LLAMA3_SPECIALS = {
     128000: "<|begin_of_text|>",
     128001: "<|end_of_text|>",
@@ -629,7 +632,7 @@ def measure_parts(bench: Bench, batch_sizes: list[int], context: int) -> dict:
         decode.append({"batch": b, "step_ms": 1e3 * t, "rows_per_s": b / t})
         # A later turn's prompt at m=1: 5 ids, 12 speech rows, 5 ids = 22 tokens per stream.
         speech = torch.randn(EMBEDDINGS_PER_UNIT, hidden, device=bench.device, dtype=bench.model.dtype)
-        parts = [([128009, 128006, 882, 128007, 271], speech, [128009, 128006, 78191, 128007, 271])] * b
+        parts = [(LATER_TURN_PREFIX, speech, LATER_TURN_SUFFIX)] * b
         t = _median_time(lambda seqs=seqs, parts=parts, r=runner: r.prefill(seqs, parts), 4, bench.device)
         prefill.append({"batch": b, "tokens": 22 * b, "step_ms": 1e3 * t, "tokens_per_s": 22 * b / t})
         for seq in seqs:

@@ -34,7 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_streams import PAGE_SIZE, build_dummy_model, gpu_info, paper_model_config  # noqa: E402
+from gpu_streams import (  # noqa: E402
+    LATER_TURN_PREFIX,
+    LATER_TURN_SUFFIX,
+    PAGE_SIZE,
+    _median_time,
+    build_dummy_model,
+    gpu_info,
+    paper_model_config,
+)
 
 from infinisst_backend.config import EMBEDDINGS_PER_UNIT, EngineConfig  # noqa: E402
 from infinisst_backend.model_runner import ModelRunner  # noqa: E402
@@ -45,9 +53,6 @@ VARIANTS = {
     "fused": {"fused_kernels": True},  # llm_kernels' fused norm, RoPE + K/V write and SwiGLU (the default)
     "fused+tensor_cores": {"fused_kernels": True, "decode_tensor_cores": True},  # decode on FlashInfer's TC kernels
 }
-# A later turn's prompt at m=1: 5 ids, 12 speech rows, 5 ids (gpu_streams.measure_parts uses the same).
-PREFIX = [128009, 128006, 882, 128007, 271]
-SUFFIX = [128009, 128006, 78191, 128007, 271]
 
 KINDS = [  # (kind, pattern over the kernel name), first match wins
     ("attention", r"flashinfer|BatchDecode|BatchPrefill|Attention|fmha|flash"),
@@ -66,15 +71,8 @@ def kind_of(name: str) -> str:
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+    """Median wall time of ``fn`` in ms, synchronized, after one warm-up call."""
+    return 1e3 * _median_time(fn, repeats, "cuda", warmup=1)
 
 
 def kernel_profile(fn, steps: int) -> dict:
@@ -165,8 +163,8 @@ def run_variant(model, name: str, args, batches: list[int]) -> dict:
     for seq in seqs:
         seq.reserve(args.context)
     speech = torch.randn(EMBEDDINGS_PER_UNIT, hidden, device="cuda", dtype=model.dtype)
-    parts = [(PREFIX, speech, SUFFIX)] * b
-    tokens = len(PREFIX) + EMBEDDINGS_PER_UNIT + len(SUFFIX)
+    parts = [(LATER_TURN_PREFIX, speech, LATER_TURN_SUFFIX)] * b  # a later turn's prompt at m=1
+    tokens = len(LATER_TURN_PREFIX) + EMBEDDINGS_PER_UNIT + len(LATER_TURN_SUFFIX)
 
     def prefill():
         for seq in seqs:  # keep the context length fixed: drop what the last call appended

@@ -82,7 +82,7 @@ class _GraphAttention(AttentionBackend):
         return self.write_page[: self.tokens], self.write_offset[: self.tokens]
 
     def attend(self, layer: int, q: Tensor, kv_layer: Tensor) -> Tensor:
-        return self.wrapper.run(q.to(kv_layer.dtype), kv_layer).to(q.dtype)  # as FlashInferAttention.forward
+        return self.wrapper.run(q.to(kv_layer.dtype), kv_layer).to(q.dtype)  # as FlashInferAttention.attend
 
 
 class StepGraphs:

@@ -30,12 +30,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        if llm_kernels.active(x) and self.weight.dtype == x.dtype:
+        if self._fused(x):
             return llm_kernels.rms_norm(x, self.weight, self.eps)
         compute = torch.promote_types(x.dtype, torch.float32)
         h = x.to(compute)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+    def add_and_norm(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """``(norm(x + residual), x + residual)``; one kernel in the fused passes."""
+        if self._fused(x):
+            return llm_kernels.rms_norm(x, self.weight, self.eps, residual=residual)
+        h = x + residual
+        return self(h), h
+
+    def _fused(self, x: Tensor) -> bool:
+        return llm_kernels.active(x) and self.weight.dtype == x.dtype
 
 
 class _Fused:
@@ -145,12 +155,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, kv: PagedKVCache, attn: AttentionBackend) -> Tensor:
         a = self.self_attn(self.input_layernorm(h), cos, sin, kv, attn)
-        norm = self.post_attention_layernorm
-        if llm_kernels.active(h) and norm.weight.dtype == h.dtype:  # the residual add and the norm in one kernel
-            x, h = llm_kernels.rms_norm(h, norm.weight, norm.eps, residual=a)
-        else:
-            h = h + a
-            x = norm(h)
+        x, h = self.post_attention_layernorm.add_and_norm(h, a)
         return h + self.mlp(x)
 
 
