@@ -4,15 +4,16 @@ Builds the wav2vec 2.0 Large frontend with random bf16 weights, brings ``--batch
 window full), then times one chunk per stream (eager and, with ``--graphs``, through :class:`EncoderGraphs`) and
 prints the CUDA kernels that take the time (torch.profiler), grouped by name:
 
-    python benchmarks/profile_encoder.py --batch 1,8,32 --m 1 --graphs [--modes reference,kernel,kernel+fused]
+    python benchmarks/profile_encoder.py --batch 1,8,32 --m 1 --graphs [--modes reference,kv,kernel] [--graph-kernels]
 
 ``--modes`` times several ways of computing the attention on the same streams, one after the other: ``kernel``
-(the default: the window kernel of :mod:`infinisst_backend.window_kernel` builds each layer's keys and values;
-serving uses it in the encoder's CUDA graphs only, this script in the eager passes too), ``reference``
-(``speech_encoder.WINDOW_KERNEL`` off: gather, concatenation and RoPE as separate ops), and ``+fused`` on either
-(the experiment ``speech_encoder.FUSED_ATTENTION``, one fused attention kernel). For each mode it prints whether
-the embeddings of a steady-state chunk are bit-identical to the first mode's, and the relative error where they are
-not.
+(the default: :func:`infinisst_backend.window_kernel.window_attention` computes each layer's whole chunk attention
+in one kernel; serving uses it in the encoder's CUDA graphs only, this script in the eager passes too), ``kv``
+(``speech_encoder.WINDOW_ATTENTION`` off: the window kernel builds each layer's keys and values, the reference ops
+do the rest), ``reference`` (``speech_encoder.WINDOW_KERNEL`` off: gather, concatenation and RoPE as separate ops),
+and ``+fused`` on ``kv`` or ``reference`` (the experiment ``speech_encoder.FUSED_ATTENTION``: torch's SDPA).
+For each mode it prints whether the embeddings of a steady-state chunk are bit-identical to the first mode's, and the
+relative error where they are not.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from profile_llm import kernel_profile, print_profile  # noqa: E402
 
 from infinisst_backend import speech_encoder  # noqa: E402
 from infinisst_backend.config import SpeechEncoderConfig  # noqa: E402
@@ -66,7 +71,10 @@ def main() -> None:
     p.add_argument("--m", type=int, default=1)
     p.add_argument("--graphs", action="store_true", help="also time the CUDA-graph path")
     p.add_argument("--top", type=int, default=18)
-    p.add_argument("--modes", default="kernel", help="reference, kernel, reference+fused, kernel+fused")
+    p.add_argument(
+        "--graph-kernels", action="store_true", help="list the kernels of the graphed replay (with --graphs)"
+    )
+    p.add_argument("--modes", default="kernel", help="some of reference, kv, kernel, reference+fused, kv+fused")
     args = p.parse_args()
     torch.manual_seed(0)
     cfg = SpeechEncoderConfig()
@@ -76,7 +84,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     modes = args.modes.split(",")
     for mode in modes:
-        if mode.split("+")[0] not in ("reference", "kernel") or mode.split("+")[1:] not in ([], ["fused"]):
+        if mode.split("+")[0] not in ("reference", "kv", "kernel") or mode.split("+")[1:] not in ([], ["fused"]):
             raise SystemExit(f"unknown mode {mode!r}")
     chunk = torch.from_numpy((0.1 * rng.standard_normal(SAMPLES_PER_UNIT * args.m)).astype("f4")).cuda()
     batches = [int(b) for b in args.batch.split(",")]
@@ -84,7 +92,8 @@ def main() -> None:
     first_outputs: dict[int, torch.Tensor] = {}
     for mode in modes:
         # graphs capture the attention of the mode they were captured in
-        speech_encoder.WINDOW_KERNEL = mode.startswith("kernel")
+        speech_encoder.WINDOW_KERNEL = not mode.startswith("reference")
+        speech_encoder.WINDOW_ATTENTION = mode.startswith("kernel")
         speech_encoder.FUSED_ATTENTION = mode.endswith("+fused")
         print(f"--- attention: {mode}", flush=True)
         pool = frontend.new_pool(max(batches))
@@ -114,12 +123,15 @@ def main() -> None:
                 if graphs is not None:
                     line += f", graphed {median_ms(graphed):.2f} ms"
                 print(line, flush=True)
-                print(kernel_table(eager, args.top), flush=True)
+                if graphs is not None and args.graph_kernels:
+                    print_profile(f"batch {b}: graphed replay", kernel_profile(graphed, 3))
+                else:
+                    print(kernel_table(eager, args.top), flush=True)
                 for c in caches:
                     c.release()
         graphs = pool = None
         torch.cuda.empty_cache()
-    speech_encoder.WINDOW_KERNEL, speech_encoder.FUSED_ATTENTION = True, False
+    speech_encoder.WINDOW_KERNEL, speech_encoder.WINDOW_ATTENTION, speech_encoder.FUSED_ATTENTION = True, True, False
 
 
 if __name__ == "__main__":

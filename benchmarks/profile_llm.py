@@ -182,9 +182,35 @@ def run_variant(model, name: str, args, batches: list[int]) -> dict:
     print(f"[{name}] prefill {b} x {tokens} tokens: {ms:.2f} ms ({b * tokens / ms * 1e3:.0f} tokens/s)", flush=True)
     for seq in seqs:
         seq.release()
+    if args.evict_batch:
+        result["evict"] = time_evictions(runner, args)
     runner.graphs = runner.speech_graphs = None  # free the graphs' memory before the next variant
     torch.cuda.empty_cache()
     return result
+
+
+def time_evictions(runner, args) -> dict:
+    """One batched eviction (``compact_many``) of ``--evict-batch`` streams as serving runs it after a step: each
+    holds ``--context`` tokens, keeps the 28 system tokens and drops the ``--evict-tokens`` after them (a turn)."""
+    b, keep, drop = args.evict_batch, 28, args.evict_tokens
+    seqs: list = []
+
+    def evict():
+        for seq in seqs:
+            seq.release()
+        seqs[:] = [runner.new_sequence() for _ in range(b)]
+        for seq in seqs:
+            seq.reserve(args.context)
+        runner.compact_many([(seq, keep, keep + drop) for seq in seqs])
+
+    ms = median_ms(evict, max(4, args.repeats // 2))
+    prof = kernel_profile(evict, 3)
+    print_profile(f"eviction of {b} streams x {drop} of {args.context} tokens", prof)
+    moved = b * (args.context - keep - drop) * runner.kv._token_bytes()
+    print(f"eviction: {ms:.2f} ms per call, {ms / b:.3f} ms per stream, {moved / ms / 1e6:.0f} GB/s moved", flush=True)
+    for seq in seqs:
+        seq.release()
+    return {"streams": b, "tokens_dropped": drop, "context": args.context, "ms": ms, "profile": prof}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default="reference,fused", help=f"some of {', '.join(VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--layers", type=int, default=32, help="LLM layers (fewer: a quicker, partial profile)")
+    parser.add_argument("--evict-batch", type=int, default=16, help="streams per timed eviction (0: none)")
+    parser.add_argument("--evict-tokens", type=int, default=27, help="tokens each timed eviction drops")
     parser.add_argument("--out", default=None, help="folder for profile_llm.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import llm_kernels
 from .config import LLMConfig
 from .errors import CapacityError
 from .rope import rerotate_tokens, rerotation_compute_dtype, rerotation_cos_sin
@@ -174,6 +175,10 @@ class PagedKVCache:
     # about 2.5 times that, and one sequence's tail always goes in one piece. None: 512 MiB on a GPU (larger
     # groups amortize the kernel launches), 16 MiB on the CPU (groups that stay in cache are faster there).
     compact_group_bytes: int | None = None
+    # compact_many moves the tails with one Triton kernel (llm_kernels.move_tokens: in place, keys re-rotated on the
+    # way, the same bits) where it can: the runner turns this on for CUDA caches with EngineConfig.fused_kernels.
+    # Batches with copy-on-write pages (beam search) keep the gather/scatter below.
+    move_kernel: bool = False
 
     def __init__(
         self,
@@ -264,6 +269,18 @@ class PagedKVCache:
             copies = [seq._copy_on_write(i) for i in shared]
             dst_pages = seq.pages[keep // ps : num_pages] if tail else []
             moves.append(_Move(tail, keep - cut, cut % ps, src_pages, keep % ps, dst_pages, copies))
+
+        if self.move_kernel and llm_kernels.move_tokens_usable(self.data) and not any(m.copies for m in moves):
+            # One in-place kernel for all moves (no scratch copy of the tails, so no grouping).
+            moving = [m for m in moves if m.tail]
+            if moving:
+                cos_sin = self._rerotation_table([m.delta for m in moving], inv_freq)
+                llm_kernels.move_tokens(
+                    self.data,
+                    [(m.tail, m.src_off, m.src_pages, m.dst_off, m.dst_pages) for m in moving],
+                    cos_sin.to(device=self.data.device, dtype=torch.float32),
+                )
+            return
 
         group, group_tokens = [], 0
         group_bytes = self.compact_group_bytes or (512 if self.data.is_cuda else 16) * 2**20

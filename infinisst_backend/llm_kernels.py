@@ -130,7 +130,54 @@ def _kernels():
             silu = tl.math.div_rn(gf, 1.0 + tl.exp(-gf)).to(g.dtype)
         tl.store(out + t * inner + cols, (silu.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
 
-    return rms_norm_kernel, rope_write_kv_kernel, silu_mul_kernel
+    @triton.jit
+    def move_tokens_kernel(
+        kv,  # [L, P, 2, PS, H, D]
+        moves,  # [M, 5] int64: tail, src_off, src_base, dst_off, dst_base
+        pages,  # int64: the moves' source and destination page lists, concatenated
+        cos_sin,  # [M, 2, D/2] float32: each move's key re-rotation
+        NUM_PAGES,
+        PS,
+        H,
+        D: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        mv = tl.program_id(0)
+        layer = tl.program_id(1).to(tl.int64)
+        kind = tl.program_id(2) // H  # 0: K, 1: V
+        head = tl.program_id(2) % H
+        row = moves + mv * 5
+        tail = tl.load(row)
+        src_off = tl.load(row + 1)
+        src_base = tl.load(row + 2)
+        dst_off = tl.load(row + 3)
+        dst_base = tl.load(row + 4)
+        half: tl.constexpr = D // 2
+        d = tl.arange(0, D)
+        c = tl.load(cos_sin + mv * D + d % half)
+        s = tl.load(cos_sin + mv * D + half + d % half)
+        plane = PS * H * D  # one (page, K or V) block of a layer
+        base = kv + layer * NUM_PAGES * 2 * plane + kind * plane + head * D
+        # Tokens move down (destination index < source index) in blocks, in order: a block's stores can only land
+        # on sources of its own or earlier blocks, so every source is read before it is overwritten as long as a
+        # block's loads all finish before its stores start (the barrier).
+        for start in range(0, tail, BLOCK):
+            j = start + tl.arange(0, BLOCK)
+            m = j < tail
+            src_page = tl.load(pages + src_base + (src_off + j) // PS, mask=m, other=0)
+            src_row = src_page * 2 * plane + ((src_off + j) % PS) * H * D
+            x = tl.load(base + src_row[:, None] + d[None, :], mask=m[:, None], other=0.0)
+            if kind == 0:  # rerotate_tokens: x1*cos - x2*sin | x2*cos + x1*sin, in fp32, one rounding
+                partner = tl.load(base + src_row[:, None] + ((d + half) % D)[None, :], mask=m[:, None], other=0.0)
+                a = x.to(tl.float32) * c[None, :]
+                b = partner.to(tl.float32) * s[None, :]
+                x = tl.where(d[None, :] < half, a - b, a + b).to(x.dtype)
+            dst_page = tl.load(pages + dst_base + (dst_off + j) // PS, mask=m, other=0)
+            dst_row = dst_page * 2 * plane + ((dst_off + j) % PS) * H * D
+            tl.debug_barrier()
+            tl.store(base + dst_row[:, None] + d[None, :], x, mask=m[:, None])
+
+    return rms_norm_kernel, rope_write_kv_kernel, silu_mul_kernel, move_tokens_kernel
 
 
 @contextlib.contextmanager
@@ -175,6 +222,8 @@ def ready(device: torch.device | str, dtype: torch.dtype) -> bool:
         slots = torch.zeros(2, dtype=torch.long, device=device)
         rope_write_kv(qkv, cos_sin, cos_sin, slots, slots + 1, kv, 2, 1)
         silu_mul(torch.randn(2, 128, device=device, dtype=dtype))
+        data = torch.zeros(1, 2, 2, 4, 1, 16, device=device, dtype=dtype)
+        move_tokens(data, [(1, 1, [0], 0, [0])], torch.ones(1, 2, 8, device=device))
     except Exception as e:
         disable(f"{type(e).__name__}: {e}")
         return False
@@ -262,3 +311,54 @@ def silu_mul(gate_up: Tensor, block: int = 1024) -> Tensor:
             gate_up.contiguous(), out, inner, BLOCK=block, CUDA=gate_up.is_cuda, enable_fp_fusion=False, num_warps=4
         )
     return out
+
+
+def move_tokens_usable(data: Tensor) -> bool:
+    """Whether :func:`move_tokens` handles a KV cache like ``data``."""
+    dim = data.shape[-1]
+    return (
+        _disabled is None
+        and (data.is_cuda or interpreting())
+        and data.dtype in _DTYPES
+        and dim >= 2
+        and not dim & (dim - 1)
+        and data.is_contiguous()
+    )
+
+
+def move_tokens(
+    data: Tensor, moves: list[tuple[int, int, list[int], int, list[int]]], cos_sin: Tensor, block: int = 32
+) -> None:
+    """The data side of a batched eviction in one kernel, in place: for each move ``(tail, src_off, src_pages,
+    dst_off, dst_pages)``, its ``tail`` tokens move down from ``src_pages`` (the first at offset ``src_off`` of the
+    first page) to ``dst_pages`` in every layer of ``data [L, P, 2, page_size, H, D]``, their keys re-rotated by the
+    move's row of ``cos_sin [M, 2, D/2]`` (float32) as :func:`~infinisst_backend.rope.rerotate_tokens` does, values
+    copied. Each destination token must precede its source in the sequence, and no page may be written by one move and
+    read by another (no copy-on-write pages in the batch).
+    """
+    num_layers, num_pages, _, page_size, heads, dim = data.shape
+    if cos_sin.shape != (len(moves), 2, dim // 2) or cos_sin.dtype != torch.float32:
+        raise ValueError(f"cos_sin {tuple(cos_sin.shape)} {cos_sin.dtype} does not fit {len(moves)} moves")
+    if not moves:
+        return
+    table, page_ids = [], []
+    for tail, src_off, src_pages, dst_off, dst_pages in moves:
+        table += [tail, src_off, len(page_ids)]
+        page_ids += src_pages
+        table += [dst_off, len(page_ids)]
+        page_ids += dst_pages
+    host = torch.tensor(table + page_ids, dtype=torch.long)
+    buf = host.pin_memory().to(data.device, non_blocking=True) if data.is_cuda else host
+    _kernels()[3][(len(moves), num_layers, 2 * heads)](
+        data,
+        buf[: len(table)],
+        buf[len(table) :],
+        cos_sin.to(data.device).contiguous(),
+        num_pages,
+        page_size,
+        heads,
+        D=dim,
+        BLOCK=block,
+        enable_fp_fusion=False,
+        num_warps=4,
+    )

@@ -10,6 +10,7 @@ import logging
 
 import torch
 
+from . import llm_kernels
 from .attention import AttentionBatch, TorchAttention
 from .config import EMBEDDINGS_PER_UNIT, EngineConfig
 from .cuda_graphs import scratch_pages_needed
@@ -58,6 +59,8 @@ class ModelRunner:
             scratch_pages=scratch_pages_needed(max(GRAPH_PREFILL_Q_LENS), cfg.page_size) if self._use_graphs else 0,
         )
         self.pool = self.kv.pool
+        if self.device.type == "cuda" and cfg.fused_kernels:
+            self.kv.move_kernel = llm_kernels.ready(self.device, self.kv.data.dtype)
         self.attn = make_attention_backend(cfg)
         self.graphs = None
         if self.device.type == "cuda":

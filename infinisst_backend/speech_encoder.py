@@ -246,6 +246,11 @@ MAX_EAGER_BATCH = 64
 # installed. Eager passes keep the separate ops: there the kernel's launch from Python costs more host time than it
 # saves GPU time (one stream, steady state, on an H100: 22.6 ms per eager call without it, 40.0 ms with it).
 WINDOW_KERNEL = True
+# In those passes, the whole chunk attention as one Triton kernel (window_kernel.window_attention: RoPE on queries and
+# keys, scores, softmax and the weighted sum, the window's keys and the scores never stored): the reference arithmetic
+# with the dot products' and the softmax sum's additions in another order, so rare elements differ by one unit of the
+# model dtype. Off: the window kernel builds K/V and the reference ops do the rest (bit for bit the reference).
+WINDOW_ATTENTION = True
 _WINDOW_KERNEL_PASSES: ContextVar[bool] = ContextVar("window_kernel_passes", default=False)
 
 
@@ -305,12 +310,30 @@ class SelfAttention(nn.Module):
         batch, length, dim = x.shape
         q = self.q_proj(x) * self.scaling
         new_k, new_v = (p(x).view(batch, length, self.num_heads, self.head_dim) for p in (self.k_proj, self.v_proj))
-        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         cached = 0 if past is None else past.rows.shape[1]
         # Compact positions by default: keys 0..C+T-1, queries C..C+T-1 (rotate_queries_with_cached_keys).
         q_pos, k_pos = positions if positions is not None else (cached, 0)
         k = None
         fast = WINDOW_KERNEL and _WINDOW_KERNEL_PASSES.get() and window_kernel.usable(new_k, self.head_dim)
+        if fast and WINDOW_ATTENTION and not FUSED_ATTENTION and window_kernel.attention_usable(q, self.head_dim):
+            pool_k, pool_v = past.layer_kv() if past is not None else (new_k, new_v)
+            rows = past.rows if past is not None else new_k.new_zeros((batch, 0), dtype=torch.long)
+            try:
+                out = window_kernel.window_attention(
+                    q.view(batch, length, self.num_heads, self.head_dim),
+                    pool_k,
+                    pool_v,
+                    rows,
+                    new_k,
+                    new_v,
+                    self.rotary_emb.tables(q_pos, length, q),
+                    self.rotary_emb.tables(k_pos, cached + length, new_k),
+                    bias,
+                    self.rotary_emb.interleaved,
+                )
+                return self.out_proj(out.view(batch, length, dim)), new_k, new_v
+            except Exception as e:  # compiled at graph warm-up, outside capture; if that fails, the ops below serve
+                window_kernel.disable(f"{type(e).__name__}: {e}")
         if past is not None and fast:
             cos, sin = self.rotary_emb.tables(k_pos, cached + length, new_k)
             try:  # the first call compiles it (graph warm-up, outside capture); if that fails, the ops below serve
@@ -319,6 +342,7 @@ class SelfAttention(nn.Module):
                 )
             except Exception as e:
                 window_kernel.disable(f"{type(e).__name__}: {e}")
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         if k is None:
             k, v = new_k.transpose(1, 2), new_v.transpose(1, 2)
             if past is not None:

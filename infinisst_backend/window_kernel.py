@@ -108,6 +108,13 @@ def _kernel():
 
 
 @functools.cache
+def _attention_kernel():
+    from ._window_attention_kernel import window_attention_kernel  # imports triton
+
+    return window_attention_kernel
+
+
+@functools.cache
 def triton_importable() -> bool:
     try:
         import triton  # noqa: F401
@@ -195,3 +202,93 @@ def window_keys_values(
         num_warps=num_warps,
     )
     return k, v
+
+
+def attention_usable(q: Tensor, head_dim: int) -> bool:
+    """Whether :func:`window_attention` runs for queries like ``q``: :func:`usable`, and a head dim of at least 16 (the
+    smallest matrix tile)."""
+    return usable(q, head_dim) and head_dim >= 16
+
+
+def window_attention(
+    q: Tensor,
+    pool_k: Tensor,
+    pool_v: Tensor,
+    rows: Tensor,
+    new_k: Tensor,
+    new_v: Tensor,
+    q_tables: tuple[Tensor, Tensor],
+    k_tables: tuple[Tensor, Tensor],
+    bias: Tensor,
+    interleaved: bool,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> Tensor:
+    """A speech-encoder layer's chunk attention over the cached window, in one kernel: RoPE on the queries and on every
+    key (cached keys read from the pool's ring rows, as :func:`window_keys_values` does), scores, softmax and the
+    weighted sum of the values, without materializing the window's keys or the scores.
+
+    ``q`` [S, T, H, D]: the chunk's scaled, un-rotated queries; ``pool_k``/``pool_v`` [R, H, D], ``rows`` [S, C]
+    (C may be 0), ``new_k``/``new_v`` [S, T, H, D] as for :func:`window_keys_values`; ``q_tables``/``k_tables``: the
+    rotary (cos, sin) of the query positions [.., T, D/2] and key positions [.., C+T, D/2], one for all streams or
+    one per stream; ``bias`` [T, C+T] or [S, 1, T, C+T]: the additive mask.
+
+    Returns the attention output [S, T, H, D] in q's dtype. Keys are rotated and scores rounded to the model dtype as
+    the reference does; the softmax is the one-pass (flash) form in fp32 with CUDA's ``expf``: the weights are
+    rounded to the model dtype before normalization, and the sum divides the fp32 accumulator at the end (an IEEE
+    division), where the reference rounds normalized probabilities. The difference is within the model dtype's
+    rounding (measured on the GPU in ``tests/test_gpu.py``).
+    """
+    batch, length, heads, dim = q.shape
+    cached = rows.shape[1]
+    total = cached + length
+    if new_k.shape != q.shape or new_v.shape != q.shape or rows.shape[0] != batch:
+        raise ValueError("query, chunk and rows shapes do not match")
+    if cached and (pool_k.shape[1:] != (heads, dim) or pool_v.shape != pool_k.shape):
+        raise ValueError("pool shapes do not match the queries")
+    tables = []
+    for (cos, sin), n in ((q_tables, length), (k_tables, total)):
+        if cos.shape[-2:] != (n, dim // 2) or sin.shape != cos.shape or cos[..., 0, 0].numel() not in (1, batch):
+            raise ValueError(f"rotary tables {tuple(cos.shape)} do not fit {n} positions of head dim {dim}")
+        cos, sin = (t.reshape(-1, n, dim // 2).contiguous() for t in (cos, sin))
+        tables.append((cos, sin, 0 if cos.shape[0] == 1 else n * (dim // 2)))
+    bias = bias.reshape(-1, length, total).contiguous()
+    if bias.shape[0] not in (1, batch):
+        raise ValueError(f"bias {tuple(bias.shape)} does not fit {batch} streams")
+    (cos_q, sin_q, q_stride), (cos_k, sin_k, k_stride) = tables
+    out = torch.empty_like(q)
+    block_m = max(16, min(64, 1 << (length - 1).bit_length()))
+    grid = (-(-length // block_m), heads, batch)
+    _attention_kernel()[grid](
+        q.contiguous(),
+        pool_k if cached else new_k,
+        pool_v if cached else new_v,
+        rows.contiguous() if cached else torch.zeros(1, dtype=torch.long, device=q.device),
+        new_k.contiguous(),
+        new_v.contiguous(),
+        cos_q,
+        sin_q,
+        cos_k,
+        sin_k,
+        bias,
+        out,
+        cached,
+        length,
+        q_stride,
+        k_stride,
+        0 if bias.shape[0] == 1 else length * total,
+        H=heads,
+        D=dim,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        INTERLEAVED=interleaved,
+        ROUND_Q=cos_q.dtype == q.dtype,
+        ROUND_K=cos_k.dtype == new_k.dtype,
+        FP32=q.dtype == torch.float32,
+        CUDA=q.is_cuda,
+        enable_fp_fusion=False,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out

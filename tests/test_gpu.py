@@ -365,6 +365,7 @@ def test_window_kernel_is_bit_exact_in_bf16(monkeypatch, variant):
     from infinisst_backend.encoder_graphs import EncoderGraphs
     from infinisst_backend.speech_encoder import SpeechFrontend
 
+    monkeypatch.setattr(speech_encoder, "WINDOW_ATTENTION", False)  # the K/V kernel alone (the next test: both)
     cfg = _small_encoder_config(embed_dim=256, num_layers=2, num_heads=4, rope_variant=variant)  # head_dim 64
     torch.manual_seed(0)
     frontend = SpeechFrontend(cfg, 128).to("cuda", torch.bfloat16).eval()
@@ -404,6 +405,58 @@ def test_window_kernel_is_bit_exact_in_bf16(monkeypatch, variant):
     for (outs, cache), (ref_outs, ref_cache) in ((fast, slow), (fast_graphed, slow_graphed)):
         assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(outs, ref_outs))
         assert torch.equal(_bits(cache), _bits(ref_cache))
+
+
+@pytest.mark.parametrize("variant", ["interleaved", "half"])
+def test_window_attention_kernel_close_to_reference_in_bf16(monkeypatch, variant):
+    """The one-kernel chunk attention (``speech_encoder.WINDOW_ATTENTION``) in bf16 on the GPU, eagerly (forced) and
+    through the encoder's CUDA graphs, against the reference ops: a young stream batched with full windows, m=1 and
+    m=2. Only the additions' order differs, so outputs and caches stay within bf16 rounding (most bits equal)."""
+    pytest.importorskip("triton")
+    from infinisst_backend import speech_encoder, window_kernel
+    from infinisst_backend.encoder_graphs import EncoderGraphs
+    from infinisst_backend.speech_encoder import SpeechFrontend
+
+    cfg = _small_encoder_config(embed_dim=256, num_layers=2, num_heads=4, rope_variant=variant)  # head_dim 64
+    torch.manual_seed(0)
+    frontend = SpeechFrontend(cfg, 128).to("cuda", torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(1)
+    ms = [1, 2, 1]
+    chunks = [0.1 * torch.randn(SAMPLES_PER_UNIT * 6 * m, generator=gen) for m in ms]
+    calls = []
+    real = window_kernel.window_attention
+    monkeypatch.setattr(window_kernel, "window_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(graphed: bool):
+        pool = frontend.new_pool(4)
+        graphs = EncoderGraphs(frontend, pool, max_batch=4, multipliers=[1, 2]) if graphed else None
+        caches = [frontend.new_cache(m, pool) for m in ms]
+        outs = []
+        for k in range(6):
+            live = [i for i in range(3) if k >= 2 * (i == 2)]  # stream 2 starts two chunks late
+            size = [SAMPLES_PER_UNIT * ms[i] for i in live]
+            xs = [chunks[i][(k - 2 * (i == 2)) * n :][:n] for i, n in zip(live, size)]
+            outs.extend(frontend.encode_chunks([caches[i] for i in live], xs, graphs=graphs))
+        torch.cuda.synchronize()
+        return outs, torch.cat([torch.stack(c.keys + c.values) for c in caches])
+
+    with speech_encoder.window_kernel_passes():
+        fast = run(False)
+    assert calls
+    calls.clear()
+    fast_graphed = run(True)
+    assert calls
+    monkeypatch.setattr(speech_encoder, "WINDOW_ATTENTION", False)
+    calls.clear()
+    with speech_encoder.window_kernel_passes():
+        slow = run(False)
+    assert not calls
+    for outs, cache in (fast, fast_graphed):
+        errors = [_rel(a, b) for a, b in zip(outs, slow[0])]
+        assert max(errors) < 2e-2, errors
+        assert _rel(cache, slow[1]) < 2e-2, _rel(cache, slow[1])
+        same = torch.cat([(_bits(a) == _bits(b)).flatten() for a, b in zip(outs, slow[0])]).float().mean().item()
+        assert same > 0.3, f"only {same:.1%} of the embeddings' bits equal the reference's"
 
 
 def test_runner_encodes_speech_through_graphs():
@@ -481,3 +534,37 @@ def test_llm_kernels_bitwise_on_gpu():
     off = (got != want).float().mean().item()
     assert off < 1e-3, f"{off:.2%} of RMSNorm outputs differ"
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("drop", [1, 5, 27, 40, 300])  # shorter than the kernel's block of tokens (its hazard), longer
+def test_eviction_kernel_bitwise_on_gpu(drop):
+    """compact_many through the in-place move kernel equals the gather/scatter path bit for bit in bf16, at Llama's
+    head shape, for sequences of several lengths evicted together (the drop, the kept prefix and page offsets vary)."""
+    from infinisst_backend import llm_kernels
+    from infinisst_backend.rope import inv_freq
+
+    assert llm_kernels.ready("cuda", torch.bfloat16)
+    cfg = LLMConfig(head_dim=128, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, rope_theta=5e5)
+    freq = inv_freq(cfg).cuda()
+    caches = [PagedKVCache(4, 1000, PAGE, 8, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    gen = torch.Generator(device="cuda").manual_seed(drop)
+    caches[0].data.normal_(generator=gen)
+    caches[1].data.copy_(caches[0].data)
+    rng = np.random.default_rng(drop)
+    lengths = [int(n) for n in rng.integers(drop + 30, 1100, 12)]
+    keeps = [int(k) for k in rng.integers(0, 30, 12)]
+    order = rng.permutation(len(lengths))
+    work = []
+    for kv in caches:
+        seqs = [kv.new_sequence() for _ in lengths]
+        for start in range(0, max(lengths), 100):  # in rounds, so that the sequences' pages interleave
+            for n, seq in zip(lengths, seqs):
+                if n > start:
+                    seq.reserve(min(100, n - start))
+        work.append([(seqs[i], keeps[i], keeps[i] + drop) for i in order])
+    caches[1].move_kernel = True
+    for kv, items in zip(caches, work):
+        kv.compact_many(items, freq)
+    torch.cuda.synchronize()
+    assert [s.pages for s, _, _ in work[0]] == [s.pages for s, _, _ in work[1]]
+    assert torch.equal(caches[0].data.view(torch.int16), caches[1].data.view(torch.int16))

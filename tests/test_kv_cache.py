@@ -341,7 +341,7 @@ def _reference_compact(kv: PagedKVCache, seq: SequenceKV, keep: int, cut: int, f
     kv.data[:, dst // ps, :, dst % ps] = moved
 
 
-def _scenario(dtype: torch.dtype, seed: int, num_pages: int = 400, head_dim: int = 8):
+def _scenario(dtype: torch.dtype, seed: int, num_pages: int = 400, head_dim: int = 8, forks: int = 6):
     """Random sequences, forks of them (sharing pages, some extended past the fork) and compactions of a
     random subset (each sequence once; cut == keep, keep == 0 and cut == num_tokens included).
 
@@ -355,13 +355,13 @@ def _scenario(dtype: torch.dtype, seed: int, num_pages: int = 400, head_dim: int
         seq = kv.new_sequence()
         kv.copy_pages(seq.reserve(rng.randint(1, 60)))
         seqs.append(seq)
-    for _ in range(6):
+    for _ in range(forks):
         child = rng.choice(seqs).fork()
         if rng.random() < 0.5:
             kv.copy_pages(child.reserve(rng.randint(1, 9)))  # a partial shared last page is copied
         seqs.append(child)
     items = []
-    for seq in rng.sample(seqs, 10):
+    for seq in rng.sample(seqs, min(10, len(seqs))):
         n = seq.num_tokens
         keep = rng.choice([0, rng.randint(0, n)])
         cut = rng.choice([keep, n, rng.randint(keep, n), rng.randint(keep, n)])

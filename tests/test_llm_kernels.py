@@ -18,7 +18,8 @@ from infinisst_backend.attention import AttentionBatch, TorchAttention, write_kv
 from infinisst_backend.config import LLMConfig
 from infinisst_backend.kv_cache import PagedKVCache
 from infinisst_backend.llm import LLM, RMSNorm
-from infinisst_backend.rope import RotaryEmbedding, apply_rotary
+from infinisst_backend.rope import RotaryEmbedding, apply_rotary, inv_freq
+from tests.test_kv_cache import LLAMA3, _reference_compact, _scenario, _state
 from tests.test_llm import CONFIGS
 
 pytest.importorskip("triton")
@@ -162,3 +163,26 @@ def test_ready_and_disable(interpreted, monkeypatch, caplog):
     want, _ = _forward(llm, embeds, fused=False)
     got, _ = _forward(llm, embeds, fused=True)
     assert torch.equal(got, want)  # the reference ops, bit for bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter truncates to bf16 (GPU: test_gpu)
+@pytest.mark.parametrize("forks", [0, 6])
+@pytest.mark.parametrize("seed", range(3))
+def test_eviction_kernel_equals_the_reference_compaction(interpreted, dtype, forks, seed):
+    """compact_many with the move kernel: the same data bits, page tables and free list as the reference per-sequence
+    compaction. With forks (copy-on-write pages) the batch keeps the gather/scatter path, with the same result."""
+    freq = inv_freq(LLMConfig(head_dim=16, rope_theta=10_000.0, rope_scaling=dict(LLAMA3)))
+    ref, ref_items, ref_seqs = _scenario(dtype, seed, head_dim=16, forks=forks)
+    for seq, keep, cut in ref_items:
+        _reference_compact(ref, seq, keep, cut, freq)
+    kv, items, seqs = _scenario(dtype, seed, head_dim=16, forks=forks)
+    kv.move_kernel = True
+    moving = any(keep < cut < seq.num_tokens for seq, keep, cut in items)
+    calls = []
+    real = llm_kernels.move_tokens
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llm_kernels, "move_tokens", lambda *a, **k: calls.append(1) or real(*a, **k))
+        kv.compact_many(items, freq)
+    assert bool(calls) == (forks == 0 and moving)
+    assert torch.equal(kv.data, ref.data)
+    assert _state(kv, seqs) == _state(ref, ref_seqs)

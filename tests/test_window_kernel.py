@@ -59,6 +59,90 @@ def test_kernel_equals_the_reference_arithmetic(interpreted, dtype, rotary_cls, 
         torch.testing.assert_close(k.float(), want_k.float(), rtol=2**-6, atol=2**-5)
 
 
+def reference_attention(q, pool_k, pool_v, rows, new_k, new_v, rotary, q_offset, k_offset, bias):
+    """SelfAttention's reference ops on queries [S, T, H, D]: output [S, T, H, D]."""
+    k, v = reference(pool_k, pool_v, rows, new_k, new_v, rotary, k_offset)
+    q = rotary(q.transpose(1, 2), q_offset)
+    scores = q @ k.transpose(-1, -2) + bias
+    return (torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v).transpose(1, 2)
+
+
+@pytest.fixture
+def attention_interpreted(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    window_kernel._attention_kernel.cache_clear()
+    yield
+    window_kernel._attention_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("rotary_cls", [InterleavedRotary, HalfRotary])
+@pytest.mark.parametrize("cached, new, per_stream", [(20, 6, False), (70, 20, True), (0, 9, False)])
+def test_window_attention_equals_the_reference_ops(attention_interpreted, rotary_cls, cached, new, per_stream):
+    """The one-kernel chunk attention against the reference ops in fp32: ring rows in any order, per-stream positions
+    and masks (some keys hidden, as before a young stream's start), a window longer than one key tile, no cache."""
+    gen = torch.Generator().manual_seed(cached + new)
+    streams, heads, dim, slots = 3, 2, 16, 5
+    rotary = rotary_cls(dim, 10_000.0)
+    pool_k, pool_v = (torch.randn(slots * max(cached, 1), heads, dim, generator=gen) for _ in range(2))
+    rows = torch.stack([torch.randperm(slots * max(cached, 1), generator=gen)[:cached] for _ in range(streams)])
+    q, new_k, new_v = (torch.randn(streams, new, heads, dim, generator=gen) for _ in range(3))
+    if per_stream:
+        k_offset = torch.tensor([[-3], [0], [-17]])
+        q_offset = k_offset + cached
+        bias = torch.zeros(streams, 1, new, cached + new)
+        bias[0, :, :, :3] = float("-inf")  # frames before the stream's start
+        bias[2, :, :, :17] = float("-inf")
+        bias[1, :, : new // 2, -new // 2 :] = float("-inf")  # a later block's frames
+    else:
+        k_offset, q_offset = 0, cached
+        bias = torch.zeros(new, cached + new)
+    want = reference_attention(q, pool_k, pool_v, rows, new_k, new_v, rotary, q_offset, k_offset, bias)
+    got = window_kernel.window_attention(
+        q,
+        pool_k,
+        pool_v,
+        rows,
+        new_k,
+        new_v,
+        rotary.tables(q_offset, new, q),
+        rotary.tables(k_offset, cached + new, new_k),
+        bias,
+        rotary.interleaved,
+        block_n=32,
+    )
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # only the additions' order differs
+
+
+@pytest.mark.parametrize("variant", ["interleaved", "half"])
+def test_streaming_encoder_through_window_attention(attention_interpreted, interpreted, monkeypatch, variant):
+    """A streaming run through the one-kernel attention (head dim 16) stays within fp32 rounding of the reference
+    path; with ``WINDOW_ATTENTION`` off, the same passes are the reference's bits."""
+    model = build(tiny_config(rope_variant=variant, embed_dim=64), dtype=torch.float32)
+    chunk = audio(SAMPLES_PER_UNIT * 5, seed=8)
+    calls = []
+    monkeypatch.setattr(window_kernel, "window_attention", _counting(window_kernel.window_attention, calls))
+
+    def run() -> list[torch.Tensor]:
+        cache = model.new_cache(1)
+        return [
+            model.encode_chunk(cache, chunk[i : i + SAMPLES_PER_UNIT])
+            for i in range(0, chunk.numel(), SAMPLES_PER_UNIT)
+        ]
+
+    want = run()
+    with speech_encoder.window_kernel_passes():
+        got = run()
+    assert len(calls) == 2 * 5  # every layer of every chunk
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(speech_encoder, "WINDOW_ATTENTION", False)
+    calls.clear()
+    with speech_encoder.window_kernel_passes():
+        off = run()
+    assert not calls and all(torch.equal(a, b) for a, b in zip(off, want))
+
+
 def test_kernel_rejects_mismatched_shapes(interpreted):
     pool = torch.zeros(40, 2, 8)
     rows = torch.zeros(2, 10, dtype=torch.long)
