@@ -299,7 +299,9 @@ class Bench:
     def stream_bytes(self, setting: Setting) -> tuple[int, int]:
         """(worst-case KV pages the engine reserves per stream, bytes per stream incl. the speech cache)."""
         cfg = self.engine_config(setting, "iteration", 1, 1)
-        pages = worst_case_pages(cfg, setting.m, setting.beam, self.system_len)
+        prompts = PromptBuilder(self.tokenizer, self.model_cfg.prompt)  # the engine's prompts, as it admits
+        prompt_tokens = (prompts.first_turn("German", setting.m).num_tokens, prompts.next_turn(setting.m).num_tokens)
+        pages = worst_case_pages(cfg, setting.m, setting.beam, self.system_len, prompt_tokens)
         return pages, pages * self.page_bytes + self.speech_cache_bytes.get(setting.m, 0)
 
     @property

@@ -37,6 +37,7 @@ GPU_DEFAULTS = {
     "cuda_graphs": "true",
     "kv_cache_dtype": "auto",
     "fused_kernels": "true",
+    "share_system_prompt": "true",
     "decode_tensor_cores": "false",
     "engine_max_batch_size": "256",
     "max_prefill_tokens": "8192",

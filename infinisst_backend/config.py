@@ -252,6 +252,10 @@ class EngineConfig:
     # GPU with CUDA graphs: the captured steps run each layer's RMSNorm (with the residual add), RoPE with the K/V
     # write, and SwiGLU as fused Triton kernels (infinisst_backend.llm_kernels) instead of ~44 small torch kernels.
     fused_kernels: bool = True
+    # A stream's first turn shares the KV pages of the system prompt with a live stream that has the same system
+    # prompt (the same token ids at the same positions: the same keys and values) and prefills only the rest of its
+    # turn, as later turns do. Saves S tokens of prefill per new stream, which matters when many streams start at once.
+    share_system_prompt: bool = True
     # "iteration": ORCA-style, new work joins at the next step (prefill first).
     # "static": a batch decodes to the end of its turns before new prefills join (a baseline, not for serving).
     scheduling: str = "iteration"

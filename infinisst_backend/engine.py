@@ -90,7 +90,15 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._last_expiry_check = time.monotonic()
-        self.counters = {"generated_tokens": 0, "turns": 0, "prefill_steps": 0, "decode_steps": 0}
+        self.counters = {
+            "generated_tokens": 0,
+            "turns": 0,
+            "prefill_steps": 0,
+            "decode_steps": 0,
+            "shared_system_prompts": 0,
+        }
+        # Per system prompt (its token ids), the last stream that started with it: new streams share its pages.
+        self._system_prompts: dict[tuple[int, ...], Stream] = {}
         # Evictions decided by turns that ended in this step: (stream, its cache, keep, cut), run together at the
         # end of the step (_flush_compactions).
         self._pending_compactions: list[tuple[Stream, Any, int, int]] = []
@@ -123,8 +131,9 @@ class Engine:
             decoding.validate()
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
-        system_len = self.prompts.first_turn(language, m).system_len
-        pages = worst_case_pages(self.cfg, m, decoding.beam_size, system_len)
+        first = self.prompts.first_turn(language, m)
+        prompt_tokens = (first.num_tokens, self.prompts.next_turn(m).num_tokens)
+        pages = worst_case_pages(self.cfg, m, decoding.beam_size, first.system_len, prompt_tokens)
         with self._lock:
             if stream_id in self._meta:
                 raise InvalidArgument(f"stream {stream_id!r} is already open; end it or use a new sequence id")
@@ -280,8 +289,24 @@ class Engine:
             self.prompts.first_turn(s.language, s.m) if s.turns_done == 0 else self.prompts.next_turn(s.m)
             for s in streams
         ]
-        parts = [(p.prefix_ids, emb, p.suffix_ids) for p, emb in zip(prompts, speech)]
+        parts = []
+        shared_keys = {}
+        for stream, prompt, emb in zip(streams, prompts, speech):
+            prefix = prompt.prefix_ids
+            if stream.turns_done == 0 and self.cfg.share_system_prompt:
+                key = tuple(prefix[: prompt.system_len])
+                shared_keys[stream.id] = key
+                donor = self._system_prompt_cache(key)
+                if donor is not None and stream.kv.num_tokens == 0:
+                    stream.kv.release()
+                    stream.kv = donor.share_prefix(prompt.system_len)
+                    prefix = prefix[prompt.system_len :]
+                    self.counters["shared_system_prompts"] += 1
+            parts.append((prefix, emb, prompt.suffix_ids))
         logits = self.runner.prefill([s.kv for s in streams], parts)
+        for stream in streams:  # their system prompts' keys and values are computed (queued on the device) now
+            if stream.id in shared_keys:
+                self._system_prompts[shared_keys[stream.id]] = stream
         for stream, prompt, chunk in zip(streams, prompts, chunks):
             if stream.turns_done == 0:
                 stream.system_len = prompt.system_len
@@ -295,6 +320,18 @@ class Engine:
             stream.kv = None  # the turn's rows own the cache until the turn ends
         self._step_turns(streams, logits, list(range(len(streams) + 1)))  # one row per stream after a prefill
         self._flush_compactions()
+
+    def _system_prompt_cache(self, key: tuple[int, ...]):
+        """A live cache whose first ``len(key)`` tokens are the system prompt ``key`` (the last stream that started
+        with it, while it lives), or None."""
+        stream = self._system_prompts.get(key)
+        if stream is None:
+            return None
+        if self._streams.get(stream.id) is not stream:
+            del self._system_prompts[key]
+            return None
+        seq = stream.kv if stream.kv is not None else (stream.turn.rows[0] if stream.turn is not None else None)
+        return seq if seq is not None and seq.num_tokens >= len(key) else None
 
     def _run_decode(self, streams: list[Stream]) -> None:
         rows = [row for s in streams for row in s.turn.rows]

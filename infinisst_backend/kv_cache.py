@@ -116,6 +116,17 @@ class SequenceKV:
         self.pool.incref(child.pages)
         return child
 
+    def share_prefix(self, n: int) -> SequenceKV:
+        """A sequence of this one's first ``n`` tokens that shares their pages (one more reference each); a partial
+        last page is copied when the new sequence first grows (copy-on-write)."""
+        if not 0 <= n <= self.num_tokens:
+            raise ValueError(f"share_prefix({n}) out of range for a sequence of {self.num_tokens} tokens")
+        child = SequenceKV(self.pool)
+        child.pages = self.pages[: _ceil_div(n, self.page_size)]
+        child.num_tokens = n
+        self.pool.incref(child.pages)
+        return child
+
     def pages_needed(self, n_new: int) -> int:
         """New pages that ``reserve(n_new)`` would allocate (fresh pages plus a copy-on-write page)."""
         if n_new < 0:

@@ -101,19 +101,28 @@ class Scheduler:
         return ScheduledStep(DECODE, chosen, rows, rows)
 
 
-def worst_case_pages(cfg: EngineConfig, m: int, beam_size: int, system_len: int) -> int:
+def worst_case_pages(
+    cfg: EngineConfig, m: int, beam_size: int, system_len: int, prompt_tokens: tuple[int, int] | None = None
+) -> int:
     """Upper bound on the KV pages one stream can ever hold at once.
 
-    The committed cache never exceeds S + window after eviction; a turn adds its prompt and up to 10m
-    generated tokens. Beams share that prefix copy-on-write; each live beam and each finished hypothesis
-    (at most ``beam_size`` of each) holds at most its own generated tokens plus one copied partial page.
+    The committed cache never exceeds S + window after eviction (S + the last turn, if one turn is longer than the
+    window); a turn adds its prompt and up to 10m generated tokens. ``prompt_tokens``: the lengths of the stream's
+    first and later turn prompts; without them every turn is taken to be as long as S + 12m + 10, with a page of
+    slack. Beams share that prefix copy-on-write; each live beam and each finished hypothesis (at most
+    ``beam_size`` of each) holds at most its own generated tokens plus one copied partial page.
     """
     page = cfg.page_size
-    turn_prompt = system_len + EMBEDDINGS_PER_UNIT * m + 10
     max_new = TOKENS_PER_UNIT * m
-    shared = math.ceil((system_len + cfg.max_llm_cache_tokens + turn_prompt + max_new) / page)
+    if prompt_tokens is None:
+        turn_prompt = system_len + EMBEDDINGS_PER_UNIT * m + 10
+        shared = math.ceil((system_len + cfg.max_llm_cache_tokens + turn_prompt + max_new) / page) + 1
+    else:
+        first, later = prompt_tokens
+        committed = system_len + max(cfg.max_llm_cache_tokens, later + max_new)
+        shared = math.ceil((max(first, committed + later) + max_new) / page)
     if beam_size == 1:
-        return shared + 1
+        return shared
     per_hypothesis = math.ceil(max_new / page) + 1
     return shared + 2 * beam_size * per_hypothesis
 

@@ -85,6 +85,8 @@ def test_scheduling_invariance(bundle, decodings):
         assert got["text"] == alone["text"]
         assert got["done"] == [(sid, k) for k in range(len(pieces))]
     assert engine.runner.pool.num_free == engine.runner.pool.num_pages
+    # Most streams started on the pages of a live stream's system prompt (share_system_prompt); run_alone never can.
+    assert engine.counters["shared_system_prompts"] >= 8
 
 
 def test_llama3_template_streams(llama_bundle):
