@@ -347,6 +347,7 @@ def move_tokens(
         page_ids += src_pages
         table += [dst_off, len(page_ids)]
         page_ids += dst_pages
+    table += [0] * (len(table) % 2)  # the page list starts 16-byte aligned whatever the number of moves (one compile)
     host = torch.tensor(table + page_ids, dtype=torch.long)
     buf = host.pin_memory().to(data.device, non_blocking=True) if data.is_cuda else host
     _kernels()[3][(len(moves), num_layers, 2 * heads)](
