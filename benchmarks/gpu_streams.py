@@ -324,15 +324,20 @@ def run_trial(bench: Bench, setting: Setting, n: int, scheduling: str, seed: int
         return _run_trial(bench, setting, n, scheduling, seed)
     except torch.OutOfMemoryError as e:
         message = str(e).split(". ")[0]
+        detail = " ".join(str(e).split())[:400]  # what it asked for, what was free, allocated and reserved
+        peak = torch.cuda.max_memory_allocated()
     gc.collect()  # the failed engine is unreachable once the exception is gone
     torch.cuda.empty_cache()
     wall = time.perf_counter() - wall0
+    print(f"  out of GPU memory at N={n}: {detail}", flush=True)
     return {
         "streams": n,
         "scheduling": scheduling,
         "passes": False,
         "reason": "out of memory",
         "error": message,
+        "error_detail": detail,
+        "max_allocated_gib": round(peak / 2**30, 2),
         "wall_s": wall,
     }
 
@@ -352,6 +357,7 @@ def _run_trial(bench: Bench, setting: Setting, n: int, scheduling: str, seed: in
     gc.collect()
     if bench.device.startswith("cuda"):
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         result["allocated_before_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     engine = Engine(
         bench.model,
@@ -442,6 +448,9 @@ def _run_trial(bench: Bench, setting: Setting, n: int, scheduling: str, seed: in
         mean_decode_rows=float(np.mean(decode_rows)) if decode_rows else 0.0,
         mean_prefill_streams=float(np.mean(prefill_rows)) if prefill_rows else 0.0,
         kv_pages_peak=pages_peak,
+        max_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if bench.device.startswith("cuda")
+        else None,
         kv_bytes_per_stream_peak=pages_peak * bench.page_bytes / n,
         mean_turn_tokens=lengths.mean,
         pages_leaked=leaked,

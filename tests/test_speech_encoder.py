@@ -301,11 +301,12 @@ def test_bad_input_raises_and_leaves_cache_unchanged():
     torch.testing.assert_close(model.encode_chunk(cache, next_chunk), replay[-1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("max_eager_batch", [64, 1])
-def test_encode_chunks_equals_one_by_one(monkeypatch, max_eager_batch):
-    """Several streams in one call (two share a batch, or are split when batches hold one stream) give the same
-    outputs and caches as separate calls."""
+@pytest.mark.parametrize("max_eager_batch, max_cnn_batch", [(64, 16), (64, 1), (1, 16)])
+def test_encode_chunks_equals_one_by_one(monkeypatch, max_eager_batch, max_cnn_batch):
+    """Several streams in one call (two share a batch, or are split when batches hold one stream; the CNN in pieces
+    of one stream or not) give the same outputs and caches as separate calls."""
     monkeypatch.setattr(speech_encoder, "MAX_EAGER_BATCH", max_eager_batch)
+    monkeypatch.setattr(speech_encoder, "MAX_CNN_BATCH", max_cnn_batch)
     model = build()
     histories = [(1, 3, 30), (1, 3, 40), (2, 1, 50), (1, 0, 60)]  # (m, chunks already encoded, seed)
 
