@@ -239,11 +239,12 @@ FUSED_ATTENTION = False
 # as one batch whose activations grow with the stream count: at 290 paper-size streams the CNN's fp32 layer norm
 # alone asked for more than the 8 GiB a full KV pool leaves free. Larger batches gain little (compute-bound).
 MAX_EAGER_BATCH = 64
-# Streams per CNN pass inside an eager batch. The CNN's first layers hold [streams, 512, ~3100] activations with an
-# fp32 copy for the layer norm (390 MiB at 64 streams): at the memory limit the KV pool leaves too little room for that
-# (measured on an H100 at 303 paper-size streams: 306 MiB free, 1.8 GiB fragmented). The transformer layers, whose
-# activations are small, still run the whole batch at once. Captured passes (CUDA graphs) are not split.
-MAX_CNN_BATCH = 16
+# Streams per CNN pass inside a batch, eager or captured. The CNN's first layers hold [streams, 512, 3100 m]
+# activations with an fp32 copy for the layer norm (390 MiB for 32 streams at m=2), which a CUDA graph's pool keeps
+# for good: at the memory limit the KV pool leaves too little room for that (an H100 at 303 paper-size streams ran out
+# of memory capturing that encoder graph: 306 MiB free, 1.8 GiB fragmented). The transformer layers, whose
+# activations are small, still run the whole batch at once.
+MAX_CNN_BATCH = 8
 
 # The cached window's keys and values built by one Triton kernel (gather, concatenation and key RoPE in one pass,
 # :mod:`.window_kernel`; bit for bit the reference arithmetic below) in the passes captured into CUDA graphs
@@ -423,10 +424,7 @@ class SpeechEncoder(nn.Module):
 
     def frames(self, audio: Tensor, num_frames: int) -> Tensor:
         """audio [S, L] -> the last ``num_frames`` frames projected to the model width, [S, num_frames, E]."""
-        pieces = [audio]
-        capturing = audio.is_cuda and torch.cuda.is_current_stream_capturing()
-        if audio.shape[0] > MAX_CNN_BATCH and not capturing:
-            pieces = audio.split(MAX_CNN_BATCH)
+        pieces = audio.split(MAX_CNN_BATCH) if audio.shape[0] > MAX_CNN_BATCH else [audio]
         features = torch.cat([self.feature_extractor(x)[..., -num_frames:] for x in pieces])  # [S, C, T]
         return self.post_extract_proj(self.layer_norm(features.transpose(1, 2)))
 
