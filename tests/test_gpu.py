@@ -411,7 +411,7 @@ def test_window_kernel_is_bit_exact_in_bf16(monkeypatch, variant):
 def test_window_attention_kernel_close_to_reference_in_bf16(monkeypatch, variant):
     """The one-kernel chunk attention (``speech_encoder.WINDOW_ATTENTION``) in bf16 on the GPU, eagerly (forced) and
     through the encoder's CUDA graphs, against the reference ops: a young stream batched with full windows, m=1 and
-    m=2. Only the additions' order differs, so outputs and caches stay within bf16 rounding (most bits equal)."""
+    m=2. Only the additions' order and the one-pass softmax differ, so outputs and caches stay within bf16 rounding."""
     pytest.importorskip("triton")
     from infinisst_backend import speech_encoder, window_kernel
     from infinisst_backend.encoder_graphs import EncoderGraphs
@@ -455,8 +455,6 @@ def test_window_attention_kernel_close_to_reference_in_bf16(monkeypatch, variant
         errors = [_rel(a, b) for a, b in zip(outs, slow[0])]
         assert max(errors) < 2e-2, errors
         assert _rel(cache, slow[1]) < 2e-2, _rel(cache, slow[1])
-        same = torch.cat([(_bits(a) == _bits(b)).flatten() for a, b in zip(outs, slow[0])]).float().mean().item()
-        assert same > 0.1, f"only {same:.1%} of the embeddings' bits equal the reference's"
 
 
 def test_runner_encodes_speech_through_graphs():
