@@ -96,7 +96,11 @@ def run_load(url: str, n: int, seconds: float, m: int, seed: int) -> dict:
         c.close()
     lat = np.array([x for r in results for x in r.chunk_latencies()])
     errors = sum(len(r.errors) for r in results)
-    messages = sorted({e.message for r in results for e in r.errors})
+    kinds: dict[str, list] = {}  # error code -> [count, first message]: a refused START shows next to its fallout
+    for e in (e for r in results for e in r.errors):
+        entry = kinds.setdefault(e.message.split(":", 1)[0], [0, e.message])
+        entry[0] += 1
+    messages = [f"{count} x {message}" for count, message in sorted(kinds.values(), key=lambda v: -v[0])]
     for message in messages[:3]:
         print(f"  error: {message[:300]}", flush=True)
     expected = n * num_chunks
@@ -187,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark_forced_turn_seed": str(args.seed),
         "max_streams": str(max(sizes) // len(gpus) + 16),
         "default_latency_multiplier": str(args.m),
+        # The engine benchmark's pool holds N streams' worst case with 8 GiB to spare; gen_gpu_repo's 0.75 holds only
+        # ~234 paper-size streams on an H100 (docs/benchmarks/gpu_triton.md), 0.9 about 305.
+        "kv_memory_fraction": "0.9",
     }
     overrides.update(dict(item.split("=", 1) for item in args.set))
     write_repository(args.repository, [("infinisst", args.checkpoint.resolve(), "German")], gpus, overrides)
