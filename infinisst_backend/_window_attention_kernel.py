@@ -33,6 +33,21 @@ def rotate(x, c, sn, ROUND: tl.constexpr, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
+def rotate_rows(x, cos, sin, table, mask, ROUND: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """:func:`rotate` with the tile's rows of the tables (offsets ``table``) loaded under ``mask``."""
+    c = tl.load(cos + table, mask=mask, other=0.0)
+    sn = tl.load(sin + table, mask=mask, other=0.0)
+    return rotate(x, c, sn, ROUND, INTERLEAVED)
+
+
+@triton.jit
+def window_rows(pool, new, old, fresh_rows, cached, fresh, d):
+    """Rows of K or V for a tile of window positions: the pool's ring rows where cached, the chunk's where fresh."""
+    x = tl.load(pool + old + d[None, :], mask=cached[:, None], other=0.0)
+    return tl.where(fresh[:, None], tl.load(new + fresh_rows + d[None, :], mask=fresh[:, None], other=0.0), x)
+
+
+@triton.jit
 def window_attention_kernel(
     q,  # [S, T, H, D]: the chunk's queries, scaled, un-rotated
     pool_k,  # [R, H*D]: one layer's cached keys, un-rotated
@@ -70,13 +85,7 @@ def window_attention_kernel(
     q_rows = (((s * T + i) * H + h) * D)[:, None]
     x = tl.load(q + q_rows + d[None, :], mask=m_q, other=0.0)
     table = s * q_table_stride + i[:, None] * (D // 2) + half[None, :]
-    qr = rotate(
-        x,
-        tl.load(cos_q + table, mask=m_q, other=0.0),
-        tl.load(sin_q + table, mask=m_q, other=0.0),
-        ROUND_Q,
-        INTERLEAVED,
-    )
+    qr = rotate_rows(x, cos_q, sin_q, table, m_q, ROUND_Q, INTERLEAVED)
 
     # One pass over the window's keys (flash attention): running max, running sum, running weighted values.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -89,19 +98,10 @@ def window_attention_kernel(
         row = tl.load(rows + s * C + t, mask=cached, other=0)
         old = (row * (H * D) + h * D)[:, None]
         new = ((s * T + (t - C)) * (H * D) + h * D)[:, None]
-        k = tl.load(pool_k + old + d[None, :], mask=cached[:, None], other=0.0)
-        k = tl.where(fresh[:, None], tl.load(new_k + new + d[None, :], mask=fresh[:, None], other=0.0), k)
-        v = tl.load(pool_v + old + d[None, :], mask=cached[:, None], other=0.0)
-        v = tl.where(fresh[:, None], tl.load(new_v + new + d[None, :], mask=fresh[:, None], other=0.0), v)
-        in_window = (t < L)[:, None]
+        k = window_rows(pool_k, new_k, old, new, cached, fresh, d)
+        v = window_rows(pool_v, new_v, old, new, cached, fresh, d)
         ktab = s * k_table_stride + t[:, None] * (D // 2) + half[None, :]
-        kr = rotate(
-            k,
-            tl.load(cos_k + ktab, mask=in_window, other=0.0),
-            tl.load(sin_k + ktab, mask=in_window, other=0.0),
-            ROUND_K,
-            INTERLEAVED,
-        )
+        kr = rotate_rows(k, cos_k, sin_k, ktab, (t < L)[:, None], ROUND_K, INTERLEAVED)
         # The reference's scores: q @ k^T rounded to the model dtype, plus the bias; -inf past the window.
         if FP32:
             sc = tl.dot(qr, tl.trans(kr), input_precision="ieee")

@@ -355,6 +355,24 @@ def test_encoder_cuda_graphs_match_eager():
     torch.cuda.synchronize()
 
 
+def _young_and_old_streams(frontend, chunks: list, ms: list[int], graphed: bool):
+    """Six chunks of each stream, stream 2 starting two chunks late (its young windows batched with full ones), eagerly
+    or through encoder graphs of ``ms``'s multipliers. Returns (embeddings, every stream's cache K/V stacked)."""
+    from infinisst_backend.encoder_graphs import EncoderGraphs
+
+    pool = frontend.new_pool(4)
+    graphs = EncoderGraphs(frontend, pool, max_batch=4, multipliers=sorted(set(ms))) if graphed else None
+    caches = [frontend.new_cache(m, pool) for m in ms]
+    outs = []
+    for k in range(6):
+        live = [i for i in range(3) if k >= 2 * (i == 2)]
+        size = [SAMPLES_PER_UNIT * ms[i] for i in live]
+        xs = [chunks[i][(k - 2 * (i == 2)) * n :][:n] for i, n in zip(live, size)]
+        outs.extend(frontend.encode_chunks([caches[i] for i in live], xs, graphs=graphs))
+    torch.cuda.synchronize()
+    return outs, torch.cat([torch.stack(c.keys + c.values) for c in caches])
+
+
 @pytest.mark.parametrize("variant", ["interleaved", "half"])
 def test_window_kernel_is_bit_exact_in_bf16(monkeypatch, variant):
     """The speech encoder's window kernel (gather + concatenation + key RoPE in one Triton kernel, which the encoder
@@ -362,7 +380,6 @@ def test_window_kernel_is_bit_exact_in_bf16(monkeypatch, variant):
     a young stream shares batches with full windows, eagerly (forced) and through the encoder's CUDA graphs."""
     pytest.importorskip("triton")
     from infinisst_backend import speech_encoder, window_kernel
-    from infinisst_backend.encoder_graphs import EncoderGraphs
     from infinisst_backend.speech_encoder import SpeechFrontend
 
     monkeypatch.setattr(speech_encoder, "WINDOW_ATTENTION", False)  # the K/V kernel alone (the next test: both)
@@ -381,16 +398,7 @@ def test_window_kernel_is_bit_exact_in_bf16(monkeypatch, variant):
     monkeypatch.setattr(window_kernel, "window_keys_values", counting)
 
     def run(graphed: bool):
-        pool = frontend.new_pool(4)
-        graphs = EncoderGraphs(frontend, pool, max_batch=4, multipliers=[1]) if graphed else None
-        caches = [frontend.new_cache(1, pool) for _ in chunks]
-        outs = []
-        for k in range(6):
-            live = [i for i in range(3) if k >= 2 * (i == 2)]  # stream 2 starts two chunks late
-            xs = [chunks[i][(k - 2 * (i == 2)) * SAMPLES_PER_UNIT :][:SAMPLES_PER_UNIT] for i in live]
-            outs.extend(frontend.encode_chunks([caches[i] for i in live], xs, graphs=graphs))
-        torch.cuda.synchronize()
-        return outs, torch.cat([torch.stack(c.keys + c.values) for c in caches])
+        return _young_and_old_streams(frontend, chunks, [1, 1, 1], graphed)
 
     with speech_encoder.window_kernel_passes():
         fast = run(False)
@@ -414,7 +422,6 @@ def test_window_attention_kernel_close_to_reference_in_bf16(monkeypatch, variant
     m=2. Only the additions' order and the one-pass softmax differ, so outputs and caches stay within bf16 rounding."""
     pytest.importorskip("triton")
     from infinisst_backend import speech_encoder, window_kernel
-    from infinisst_backend.encoder_graphs import EncoderGraphs
     from infinisst_backend.speech_encoder import SpeechFrontend
 
     cfg = _small_encoder_config(embed_dim=256, num_layers=2, num_heads=4, rope_variant=variant)  # head_dim 64
@@ -428,17 +435,7 @@ def test_window_attention_kernel_close_to_reference_in_bf16(monkeypatch, variant
     monkeypatch.setattr(window_kernel, "window_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def run(graphed: bool):
-        pool = frontend.new_pool(4)
-        graphs = EncoderGraphs(frontend, pool, max_batch=4, multipliers=[1, 2]) if graphed else None
-        caches = [frontend.new_cache(m, pool) for m in ms]
-        outs = []
-        for k in range(6):
-            live = [i for i in range(3) if k >= 2 * (i == 2)]  # stream 2 starts two chunks late
-            size = [SAMPLES_PER_UNIT * ms[i] for i in live]
-            xs = [chunks[i][(k - 2 * (i == 2)) * n :][:n] for i, n in zip(live, size)]
-            outs.extend(frontend.encode_chunks([caches[i] for i in live], xs, graphs=graphs))
-        torch.cuda.synchronize()
-        return outs, torch.cat([torch.stack(c.keys + c.values) for c in caches])
+        return _young_and_old_streams(frontend, chunks, ms, graphed)
 
     with speech_encoder.window_kernel_passes():
         fast = run(False)

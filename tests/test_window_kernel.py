@@ -23,8 +23,10 @@ def interpreted(monkeypatch):
     """Kernels built from here on run in Triton's interpreter (on CPU tensors)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     window_kernel._kernel.cache_clear()
+    window_kernel._attention_kernel.cache_clear()
     yield
     window_kernel._kernel.cache_clear()
+    window_kernel._attention_kernel.cache_clear()
 
 
 def reference(pool_k, pool_v, rows, new_k, new_v, rotary, key_offset):
@@ -67,17 +69,9 @@ def reference_attention(q, pool_k, pool_v, rows, new_k, new_v, rotary, q_offset,
     return (torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v).transpose(1, 2)
 
 
-@pytest.fixture
-def attention_interpreted(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    window_kernel._attention_kernel.cache_clear()
-    yield
-    window_kernel._attention_kernel.cache_clear()
-
-
 @pytest.mark.parametrize("rotary_cls", [InterleavedRotary, HalfRotary])
 @pytest.mark.parametrize("cached, new, per_stream", [(20, 6, False), (70, 20, True), (0, 9, False)])
-def test_window_attention_equals_the_reference_ops(attention_interpreted, rotary_cls, cached, new, per_stream):
+def test_window_attention_equals_the_reference_ops(interpreted, rotary_cls, cached, new, per_stream):
     """The one-kernel chunk attention against the reference ops in fp32: ring rows in any order, per-stream positions
     and masks (some keys hidden, as before a young stream's start), a window longer than one key tile, no cache."""
     gen = torch.Generator().manual_seed(cached + new)
@@ -115,7 +109,7 @@ def test_window_attention_equals_the_reference_ops(attention_interpreted, rotary
 
 
 @pytest.mark.parametrize("variant", ["interleaved", "half"])
-def test_streaming_encoder_through_window_attention(attention_interpreted, interpreted, monkeypatch, variant):
+def test_streaming_encoder_through_window_attention(interpreted, monkeypatch, variant):
     """A streaming run through the one-kernel attention (head dim 16) stays within fp32 rounding of the reference
     path; with ``WINDOW_ATTENTION`` off, the same passes are the reference's bits."""
     model = build(tiny_config(rope_variant=variant, embed_dim=64), dtype=torch.float32)
