@@ -97,7 +97,7 @@ class TritonPythonModel:
             f"model {name!r} ready: checkpoint {self.cfg.checkpoint}, device {self.cfg.engine.device}, "
             f"dtype {self.cfg.engine.dtype}, attention {self.cfg.engine.attention_backend}, "
             f"max_streams {self.cfg.engine.max_streams}, beam {self.cfg.engine.decoding.beam_size}, "
-            f"KV pool {self.engine.admission.total_pages} pages of {self.cfg.engine.page_size} tokens"
+            f"KV pool {self.engine.stats().get('kv_pages_total', '?')} pages of {self.cfg.engine.page_size} tokens"
         )
 
     # ------------------------------------------------------------------------------------------- requests
