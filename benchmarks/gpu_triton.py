@@ -24,6 +24,7 @@ import heapq
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,26 @@ from client.server import TritonServer, metric_values  # noqa: E402
 P95_LIMIT_S, P99_LIMIT_S = 0.5, 1.0
 SAMPLES_PER_UNIT = 15_360
 STREAMS_PER_CONNECTION = 32
+
+
+def wait_for_free_gpus(gpus: list[int], max_used_mib: int = 2048, timeout_s: float = 90.0) -> None:
+    """Wait until no other process holds much memory on ``gpus`` (a previous server still exiting would shrink the KV
+    pool the model sizes from free memory at load); warn if that does not happen within ``timeout_s``."""
+    query = ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            lines = subprocess.run(query, capture_output=True, text=True, check=True, timeout=30).stdout.splitlines()
+        except (OSError, subprocess.SubprocessError):
+            return  # no nvidia-smi: nothing to check
+        used = {int(i): int(mib) for i, mib in (line.split(",") for line in lines if line.strip())}
+        busy = {g: used.get(g, 0) for g in gpus if used.get(g, 0) > max_used_mib}
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            print(f"  warning: GPU memory still in use before the server starts (MiB by GPU): {busy}", flush=True)
+            return
+        time.sleep(2.0)
 
 
 def ensure_checkpoint(path: Path, layers: int) -> None:
@@ -203,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent / (args.out.name + "_tritonserver.log"),
         extra_args=["--exit-timeout-secs=30"] + ([f"--backend-directory={backends}"] if backends else []),
     )
+    wait_for_free_gpus(gpus)
     server.start()
     trials = []
     try:

@@ -1,4 +1,9 @@
-"""One GPU kernel that builds a speech-encoder layer's attention keys and values from the ring cache (Triton).
+"""GPU kernels (Triton) for a speech-encoder layer's chunk attention over the ring cache.
+
+Two of them. :func:`window_attention` (served by default in the encoder's CUDA graphs) does the whole attention in
+one kernel: RoPE on queries and keys, scores, softmax and the weighted sum, without storing the window's keys or the
+scores (``speech_encoder.WINDOW_ATTENTION``; its arithmetic is described there and below). :func:`window_keys_values`,
+described next, only builds the keys and values, bit for bit, for the reference ops to use.
 
 The reference path of :class:`~infinisst_backend.speech_encoder.SelfAttention` makes a layer's keys and values in
 about eight passes over the window, several of them in fp32: gather the cached frames from the pool, transpose,
