@@ -191,12 +191,35 @@ def test_ten_minute_stream_has_bounded_memory():
                     assert stream.kv.num_tokens <= stream.system_len + 150  # the window, after each turn
     assert stream.turns_done == int(600 / 3.84)
     assert len(evictions) > 50 and stream.kv.num_tokens > 100  # the window was in use and slid many times
-    assert 0 < peak <= worst_case_pages(engine.cfg, 4, 1, stream.system_len)
+    prompt_tokens = (engine.prompts.first_turn("German", 4).num_tokens, engine.prompts.next_turn(4).num_tokens)
+    assert 0 < peak <= worst_case_pages(engine.cfg, 4, 1, stream.system_len, prompt_tokens)  # what admission uses
     assert stream.speech_cache.frames_cached <= fast[2].speech_encoder.max_cache_frames
     engine.add_audio("long", np.zeros(0, np.float32), end=True)
     engine.run_until_idle()
     assert collect(engine.events, "long")["finished"] == "end"
     assert engine.runner.pool.num_free == engine.runner.pool.num_pages
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_full_length_turns_stay_within_the_admitted_pages(m):
+    """Every turn as long as it may be (10m tokens, the last never fed) over a sliding window: a stream's pages
+    never exceed what admission reserved for it (``worst_case_pages`` with the prompts' real lengths)."""
+    bundle = build_tiny_model("chatml", torch.float32, seed=5, eos_boost=0.0)
+    engine = make_engine(bundle, dtype="float32", max_llm_cache_tokens=120)
+    engine.turn_length_hook = lambda m, max_new: max_new
+    engine.open_stream("s", "German", m, GREEDY)
+    reserved = engine._meta["s"].reserved_pages
+    rng = np.random.default_rng(m)
+    peak, lengths = 0, []
+    for _ in range(int(24 / m)):
+        engine.add_audio("s", random_audio(rng, 0.96 * m))
+        while engine.step():
+            peak = max(peak, engine.runner.pool.num_pages - engine.runner.pool.num_free)
+    got = collect(engine.events, "s")
+    lengths = [len(ids) for ids in got["turns"]]
+    assert engine._streams["s"].turns_done == int(24 / m) and got["errors"] == []
+    assert max(lengths) == 10 * m - 1  # full turns (the last token is never emitted)
+    assert 0 < peak <= reserved
 
 
 def test_a_failed_eviction_fails_only_its_stream(bundle):
