@@ -271,11 +271,18 @@ class Bench:
     model_cfg: ModelConfig
     args: argparse.Namespace
     speech_cache_bytes: dict[int, int] = field(default_factory=dict)  # by m, steady state
-    system_len: int = 0
+    prompts: PromptBuilder = field(init=False)  # the engine's prompts, as it admits streams
     deadline: float = math.inf  # perf_counter() time after which no new trial starts
     device: str = "cuda"
     dtype: str = "bfloat16"
     attention_backend: str = "flashinfer"
+
+    def __post_init__(self) -> None:
+        self.prompts = PromptBuilder(self.tokenizer, self.model_cfg.prompt)
+
+    @property
+    def system_len(self) -> int:
+        return self.prompts.first_turn("German", 1).system_len
 
     def engine_config(self, setting: Setting, scheduling: str, n: int, num_pages: int) -> EngineConfig:
         return EngineConfig(
@@ -299,8 +306,8 @@ class Bench:
     def stream_bytes(self, setting: Setting) -> tuple[int, int]:
         """(worst-case KV pages the engine reserves per stream, bytes per stream incl. the speech cache)."""
         cfg = self.engine_config(setting, "iteration", 1, 1)
-        prompts = PromptBuilder(self.tokenizer, self.model_cfg.prompt)  # the engine's prompts, as it admits
-        prompt_tokens = (prompts.first_turn("German", setting.m).num_tokens, prompts.next_turn(setting.m).num_tokens)
+        first, later = self.prompts.first_turn("German", setting.m), self.prompts.next_turn(setting.m)
+        prompt_tokens = (first.num_tokens, later.num_tokens)
         pages = worst_case_pages(cfg, setting.m, setting.beam, self.system_len, prompt_tokens)
         return pages, pages * self.page_bytes + self.speech_cache_bytes.get(setting.m, 0)
 
@@ -1027,7 +1034,6 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = synthetic_llama3_tokenizer()
     bench = Bench(model, tokenizer, model_cfg, args, device=device, dtype=str(dtype).split(".")[1])
     bench.attention_backend = backend
-    bench.system_len = PromptBuilder(tokenizer, model_cfg.prompt).first_turn("German", 1).system_len
     info = gpu_info(device)
     print(
         f"{info['gpu']}: model built in {time.perf_counter() - t_start:.0f} s, weights "

@@ -222,8 +222,6 @@ def ready(device: torch.device | str, dtype: torch.dtype) -> bool:
         slots = torch.zeros(2, dtype=torch.long, device=device)
         rope_write_kv(qkv, cos_sin, cos_sin, slots, slots + 1, kv, 2, 1)
         silu_mul(torch.randn(2, 128, device=device, dtype=dtype))
-        data = torch.zeros(1, 2, 2, 4, 1, 16, device=device, dtype=dtype)
-        move_tokens(data, [(1, 1, [0], 0, [0])], torch.ones(1, 2, 8, device=device))
     except Exception as e:
         disable(f"{type(e).__name__}: {e}")
         return False
@@ -324,6 +322,22 @@ def move_tokens_usable(data: Tensor) -> bool:
         and not dim & (dim - 1)
         and data.is_contiguous()
     )
+
+
+def move_tokens_ready(data: Tensor) -> bool:
+    """Whether :func:`move_tokens` serves the KV cache ``data``: compiles it for this cache's shapes now (not at the
+    first eviction, where the compile stalls every stream for about a second) by moving token 0 of page 0 onto itself
+    with the identity rotation, which leaves the cache as it was. On failure :func:`disable` the kernels."""
+    if not move_tokens_usable(data) or not triton_importable():
+        return False
+    half = data.shape[-1] // 2
+    identity = torch.stack((torch.ones(half), torch.zeros(half)))[None].to(data.device)
+    try:
+        move_tokens(data, [(1, 0, [0], 0, [0])], identity)
+    except Exception as e:
+        disable(f"{type(e).__name__}: {e}")
+        return False
+    return True
 
 
 def move_tokens(

@@ -60,11 +60,7 @@ class ModelRunner:
         )
         self.pool = self.kv.pool
         if self.device.type == "cuda" and cfg.fused_kernels:
-            self.kv.move_kernel = llm_kernels.ready(self.device, self.kv.data.dtype)
-            if self.kv.move_kernel:  # compile it for this cache's shapes now, not at the first eviction (~1 s stall)
-                half = llm.head_dim // 2
-                identity = torch.stack((torch.ones(half), torch.zeros(half)))[None].to(self.device)
-                llm_kernels.move_tokens(self.kv.data, [(1, 0, [0], 0, [0])], identity)  # token 0 onto itself
+            self.kv.move_kernel = llm_kernels.move_tokens_ready(self.kv.data)
         self.attn = make_attention_backend(cfg)
         self.graphs = None
         if self.device.type == "cuda":

@@ -116,13 +116,13 @@ def worst_case_pages(
     max_new = TOKENS_PER_UNIT * m
     if prompt_tokens is None:
         turn_prompt = system_len + EMBEDDINGS_PER_UNIT * m + 10
-        shared = math.ceil((system_len + cfg.max_llm_cache_tokens + turn_prompt + max_new) / page) + 1
+        shared = math.ceil((system_len + cfg.max_llm_cache_tokens + turn_prompt + max_new) / page)
     else:
         first, later = prompt_tokens
         committed = system_len + max(cfg.max_llm_cache_tokens, later + max_new)
         shared = math.ceil((max(first, committed + later) + max_new) / page)
     if beam_size == 1:
-        return shared
+        return shared + (prompt_tokens is None)  # the page of slack of the estimate without prompt lengths
     per_hypothesis = math.ceil(max_new / page) + 1
     return shared + 2 * beam_size * per_hypothesis
 

@@ -424,8 +424,11 @@ class SpeechEncoder(nn.Module):
 
     def frames(self, audio: Tensor, num_frames: int) -> Tensor:
         """audio [S, L] -> the last ``num_frames`` frames projected to the model width, [S, num_frames, E]."""
-        pieces = audio.split(MAX_CNN_BATCH) if audio.shape[0] > MAX_CNN_BATCH else [audio]
-        features = torch.cat([self.feature_extractor(x)[..., -num_frames:] for x in pieces])  # [S, C, T]
+        if audio.shape[0] > MAX_CNN_BATCH:
+            pieces = audio.split(MAX_CNN_BATCH)
+            features = torch.cat([self.feature_extractor(x)[..., -num_frames:] for x in pieces])  # [S, C, T]
+        else:
+            features = self.feature_extractor(audio)[..., -num_frames:]
         return self.post_extract_proj(self.layer_norm(features.transpose(1, 2)))
 
 

@@ -186,3 +186,22 @@ def test_eviction_kernel_equals_the_reference_compaction(interpreted, dtype, for
     assert bool(calls) == (forks == 0 and moving)
     assert torch.equal(kv.data, ref.data)
     assert _state(kv, seqs) == _state(ref, ref_seqs)
+
+
+def test_move_kernel_is_readied_on_the_cache_itself(interpreted, monkeypatch, caplog):
+    """move_tokens_ready compiles the kernel for the real cache by a move that leaves it as it was; if the kernel
+    cannot run, the kernels are disabled with one warning and evictions keep the gather/scatter path."""
+    kv = PagedKVCache(2, 6, 4, 2, 16, dtype=torch.float32)
+    kv.data.normal_(generator=_gen(7))
+    before = kv.data.clone()
+    assert llm_kernels.move_tokens_ready(kv.data)
+    assert torch.equal(kv.data, before)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(llm_kernels, "move_tokens", broken)
+    with caplog.at_level("WARNING"):
+        assert not llm_kernels.move_tokens_ready(kv.data)
+    assert not llm_kernels.move_tokens_usable(kv.data)
+    assert "no compiler here" in caplog.text
