@@ -255,6 +255,7 @@ class EngineConfig:
     # A stream's first turn shares the KV pages of the system prompt with a live stream that has the same system
     # prompt (the same token ids at the same positions: the same keys and values) and prefills only the rest of its
     # turn, as later turns do. Saves S tokens of prefill per new stream, which matters when many streams start at once.
+    # It leaves as many system tokens unshared as make that rest as long as a later turn (graphed prefill shapes).
     share_system_prompt: bool = True
     # "iteration": ORCA-style, new work joins at the next step (prefill first).
     # "static": a batch decodes to the end of its turns before new prefills join (a baseline, not for serving).

@@ -298,9 +298,10 @@ class Engine:
                 shared_keys[stream.id] = key
                 donor = self._system_prompt_cache(key)
                 if donor is not None and stream.kv.num_tokens == 0:
+                    shared = self._shared_prefix_len(prompt, stream.m)
                     stream.kv.release()
-                    stream.kv = donor.share_prefix(prompt.system_len)
-                    prefix = prefix[prompt.system_len :]
+                    stream.kv = donor.share_prefix(shared)
+                    prefix = prefix[shared:]
                     self.counters["shared_system_prompts"] += 1
             parts.append((prefix, emb, prompt.suffix_ids))
         logits = self.runner.prefill([s.kv for s in streams], parts)
@@ -320,6 +321,14 @@ class Engine:
             stream.kv = None  # the turn's rows own the cache until the turn ends
         self._step_turns(streams, logits, list(range(len(streams) + 1)))  # one row per stream after a prefill
         self._flush_compactions()
+
+    def _shared_prefix_len(self, prompt, m: int) -> int:
+        """How many system-prompt tokens a first turn takes from a live stream: all of them, less as many as make the
+        rest of the first turn exactly as long as a later turn's prompt, a prefill shape with CUDA graphs (with the
+        shipped templates, the system prompt less its last token). Recomputing those tokens costs nothing measurable;
+        an eager prefill of streams starting together costs every stream in the step."""
+        excess = prompt.num_tokens - self.prompts.next_turn(m).num_tokens
+        return excess if 0 < excess <= prompt.system_len else prompt.system_len
 
     def _system_prompt_cache(self, key: tuple[int, ...]):
         """A live cache whose first ``len(key)`` tokens are the system prompt ``key`` (the last stream that started

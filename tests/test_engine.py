@@ -89,6 +89,35 @@ def test_scheduling_invariance(bundle, decodings):
     assert engine.counters["shared_system_prompts"] >= 8
 
 
+def test_shared_first_turns_prefill_the_later_turn_shape(bundle):
+    """A first turn on a live stream's system-prompt pages prefills exactly as many tokens as a later turn (the shape
+    CUDA graphs cover), and still gives the ids of the stream run alone."""
+    rng = np.random.default_rng(5)
+    engine = make_engine(bundle)
+    lengths = []  # new tokens per sequence of every prefill
+    prefill = engine.runner.prefill
+    engine.runner.prefill = lambda seqs, parts: (
+        lengths.extend(len(pre) + emb.shape[0] + len(suf) for pre, emb, suf in parts),
+        prefill(seqs, parts),
+    )[1]
+    audio = {f"s{i}": random_audio(rng, 2.0) for i in range(4)}
+    engine.open_stream("s0", "German", 1, GREEDY)
+    engine.add_audio("s0", audio["s0"], end=True)
+    engine.step()  # s0's first turn: the whole prompt
+    for i, sid in enumerate(list(audio)[1:]):
+        engine.open_stream(sid, "German", 1 + i % 2, GREEDY)
+        engine.add_audio(sid, audio[sid], end=True)
+    engine.run_until_idle()
+    prompts = engine.prompts
+    assert lengths[0] == prompts.first_turn("German", 1).num_tokens
+    assert set(lengths[1:]) <= {prompts.next_turn(1).num_tokens, prompts.next_turn(2).num_tokens}, lengths
+    assert engine.counters["shared_system_prompts"] == 3
+    for sid in list(audio)[1:]:
+        m = 1 + (int(sid[1:]) - 1) % 2
+        assert collect(engine.events, sid)["turns"] == run_alone(bundle, audio[sid], "German", m, GREEDY)["turns"]
+    assert engine.runner.pool.num_free == engine.runner.pool.num_pages
+
+
 def test_llama3_template_streams(llama_bundle):
     """The llama3 template with a llama model runs the same engine (two streams, beam and greedy)."""
     rng = np.random.default_rng(7)
