@@ -2,10 +2,10 @@
 
 An encoder call (:meth:`SpeechFrontend.encode_chunks`) is bound by the host at serving batch sizes: for wav2vec 2.0
 Large, ~800 kernel launches (CNN, 24 layers with their cache gathers, adapter, projection) plus the Python around
-them, ~20 ms even for one stream. :class:`EncoderGraphs` captures a group's whole pass for every later chunk of a
-latency multiplier m (a full chunk of 15360*m samples after the stream's first one, so a full CNN tail, and a cache
-window of ``max_cache_frames`` rows, those before the stream's start masked) once per batch-size bucket, and replays
-it.
+them, ~20 ms even for one stream. :class:`EncoderGraphs` captures a group's whole pass for every full chunk of a
+latency multiplier m (15360*m samples after a full CNN tail, and a cache window of ``max_cache_frames`` rows, those
+before the stream's start masked) once per batch-size bucket, and replays it. With the paper's CNN a stream's first
+chunk has that shape too: its tail is the 399-sample zero prefix, and all of its window is masked.
 
 How a replay is fed (one call = one bucket of one m):
 * each stream's slot and frames encoded, and the chunk's samples when they are on the host (as the engine's are), go
@@ -22,8 +22,9 @@ How a replay is fed (one call = one bucket of one m):
   after every group of the call is encoded, for the real streams only (one ``index_copy_`` for all layers).
 
 RoPE uses each stream's compact positions, computed on the device from its frames encoded (queries from
-``min(P, max_cache_frames)``), exactly as the eager path gives them. Anything else (first chunks, partial chunks, an
-m without graphs) runs eagerly, as before; more streams than the largest bucket replay in pieces.
+``min(P, max_cache_frames)``), exactly as the eager path gives them. Anything else (partial chunks, first chunks of a
+"group_norm" CNN, an m without graphs) runs eagerly, as before; more streams than the largest bucket replay in
+pieces.
 
 The module imports on CPU; the engine only makes :class:`EncoderGraphs` for a CUDA device. ``capture=False`` runs
 the same static-buffer path without graphs (tests, on any device).
@@ -180,22 +181,23 @@ class EncoderGraphs:
         return self.buckets[-1]
 
     def fits(self, cache: SpeechCache, samples: Tensor) -> bool:
-        """Whether the stream's next chunk (validated ``samples``) is a later full chunk that a graph can encode."""
+        """Whether the stream's next chunk (validated ``samples``) is a full chunk that a graph can encode: a later
+        one, or a first one where the CNN's tail is exactly the zero prefix (extractor_mode "layer_norm", the paper's):
+        then the graph's pass, with a zero tail and every cached row masked, is the first chunk's eager pass."""
         shape = self._shapes.get(cache.m)
-        return (
-            shape is not None
-            and cache.pool is self.pool
-            and self.pool.data is self._data
-            and samples.numel() == shape.chunk_len
-            and cache.audio_tail is not None
-            and cache.audio_tail.numel() == shape.tail_len
-            and cache.frames_encoded > 0
-        )
+        if shape is None or cache.pool is not self.pool or self.pool.data is not self._data:
+            return False
+        if samples.numel() != shape.chunk_len:
+            return False
+        if cache.audio_tail is None:  # a first chunk: its CNN input is the zero prefix and the chunk
+            return cache.frames_encoded == 0 and shape.tail_len == self.frontend.prefix_samples
+        return cache.audio_tail.numel() == shape.tail_len and cache.frames_encoded > 0
 
     def run(self, caches: list[SpeechCache], samples: list[Tensor]) -> tuple[Tensor, _GroupUpdate]:
         """Encode streams that all :meth:`fit` with the same m, at most :attr:`max_batch`: (embeddings
         [S, 12*m, llm_hidden], a copy; the group's update). The update reads the static outputs: apply it, or
-        ``own()`` it, before the next run. Nothing of the caches or the pool changes here."""
+        ``own()`` it, before the next run. Nothing of the caches or the pool changes here, except that streams at their
+        first chunk have their (still empty) slots zeroed."""
         n = len(caches)
         s = self._shapes[caches[0].m]
         rows = self.buckets[bisect.bisect_left(self.buckets, n)]
@@ -221,7 +223,15 @@ class EncoderGraphs:
             self._copied[turn] = event
         if not on_host:
             s.chunks[:n].copy_(torch.stack([x.to(self._dev.device) for x in staged]))
-        torch.stack([c.audio_tail for c in caches], out=s.tails[:n])
+        firsts = [c.slot for c in caches if c.audio_tail is None]
+        if firsts:
+            # First chunks: a zero CNN tail (the eager path's prefix), and a zeroed slot, as the eager path's update
+            # leaves it, because the graph reads the whole window (masked) and an -inf bias does not cancel a NaN.
+            self.pool.clear(torch.tensor(firsts, device=self._dev.device))
+            zeros = s.tails.new_zeros(s.tail_len)
+            torch.stack([zeros if c.audio_tail is None else c.audio_tail for c in caches], out=s.tails[:n])
+        else:
+            torch.stack([c.audio_tail for c in caches], out=s.tails[:n])
 
         if self.capture:
             self._graphs[(s.m, rows)].replay()

@@ -68,7 +68,8 @@ class ModelRunner:
             model.llm.fuse_projections()
             if self._use_graphs:
                 self.graphs = self._step_graphs(num_pages)
-        # Speech encoder calls of later chunks replayed from CUDA graphs (GRAPH_MULTIPLIERS, prefill-sized batches).
+        # Speech encoder calls of full chunks (first ones too) replayed from CUDA graphs (GRAPH_MULTIPLIERS,
+        # prefill-sized batches).
         self.speech_graphs = None
         if self.device.type == "cuda" and cfg.cuda_graphs:
             from .encoder_graphs import MAX_GRAPH_BATCH, EncoderGraphs  # GPU only

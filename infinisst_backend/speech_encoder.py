@@ -708,9 +708,9 @@ class SpeechFrontend(nn.Module):
         size: all streams at their first chunk, or all past it at any age and block phase (each one's cache window
         and mask are padded to the full ``max_cache_frames``).
 
-        ``graphs`` (GPU, :class:`~infinisst_backend.encoder_graphs.EncoderGraphs` of this frontend): the streams in
-        the steady state it was captured for (full chunk, full tail and window, a captured m) run as replays of
-        CUDA graphs instead, the others as usual.
+        ``graphs`` (GPU, :class:`~infinisst_backend.encoder_graphs.EncoderGraphs` of this frontend): the streams
+        with a full chunk of a captured m (later chunks, and first ones with the paper's CNN) run as replays of CUDA
+        graphs instead, the others as usual.
 
         Every input is validated before any cache changes, and caches are updated only after all are encoded.
         """
@@ -725,7 +725,8 @@ class SpeechFrontend(nn.Module):
         groups: dict[tuple, list[int]] = {}
         for i, (cache, samples) in enumerate(zip(caches, samples_list)):
             graphed = graphs is not None and graphs.fits(cache, samples)
-            tail = 0 if cache.audio_tail is None else cache.audio_tail.numel()
+            # (first and later chunks share a graph, and so a replay)
+            tail = None if graphed else 0 if cache.audio_tail is None else cache.audio_tail.numel()
             groups.setdefault((id(cache.pool), cache.m, tail, units[i], graphed), []).append(i)
 
         outputs: list[Tensor | None] = [None] * len(caches)

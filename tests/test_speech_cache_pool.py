@@ -291,9 +291,9 @@ def test_streams_of_any_age_form_one_group(monkeypatch, variant):
 
 
 def test_encoder_graph_buffers_match_eager():
-    """The CUDA-graph path's static buffers, run without graphs (capture=False, CPU float64): steady-state streams
-    take it, padded up to a bucket and split above the largest, next to eager groups in the same call; the outputs
-    and caches equal the eager path's, and no slot outside the batch changes."""
+    """The CUDA-graph path's static buffers, run without graphs (capture=False, CPU float64): full chunks take it,
+    first ones included, padded up to a bucket and split above the largest, next to eager groups in the same call;
+    the outputs and caches equal the eager path's, and no slot outside the batch changes."""
     from infinisst_backend.encoder_graphs import EncoderGraphs, encoder_buckets
 
     assert encoder_buckets(1) == [1] and encoder_buckets(30) == [1, 2, 4, 8, 16, 24, 30]
@@ -305,6 +305,7 @@ def test_encoder_graph_buffers_match_eager():
     with pytest.raises(ValueError, match="growable"):
         EncoderGraphs(model, model.new_cache(1).pool, max_batch=8, capture=False)
 
+    pool.data.fill_(float("nan"))  # memory is not initialized: a stream's first chunk must clear what it reads
     ms = [1] * 12 + [2] * 4 + [3]
     caches = [model.new_cache(m, pool) for m in ms]
     eager = [model.new_cache(m, twins) for m in ms]
@@ -333,7 +334,9 @@ def test_encoder_graph_buffers_match_eager():
 
     full = {i: SAMPLES_PER_UNIT * m for i, m in enumerate(ms)}
     everyone = list(range(len(ms)))
-    step(everyone, [full[i] for i in everyone], 0, replays=0)  # first chunks
+    # First chunks replay too (the zero prefix is the CNN tail, every cached row masked): m=1 12 streams (buckets 8 +
+    # 4), m=2 4 streams (bucket 4); m=3 has no graph.
+    step(everyone, [full[i] for i in everyone], 0, replays=3)
     # Later chunks replay also while the window is still filling (48 and 96 frames of 100: rows before the stream's
     # start masked, its own compact positions): m=1 12 streams (buckets 8 + 4), m=2 4 streams (bucket 4).
     step(everyone, [full[i] for i in everyone], 100, replays=3)

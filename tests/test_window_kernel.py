@@ -228,3 +228,31 @@ def test_a_kernel_that_cannot_build_falls_back_to_the_reference(interpreted, mon
     assert [r.message for r in caplog.records].count(
         "speech encoder window kernel disabled, using the separate torch ops: RuntimeError: no C compiler found"
     ) == 1
+
+
+def test_graph_pass_of_first_chunks_through_window_attention(interpreted, monkeypatch):
+    """The encoder graphs' pass (run without capture) takes first chunks as well: a zero CNN tail and a window that is
+    all masked (its rows hold NaN before the pass, as uninitialized memory may). Through the one-kernel attention it
+    stays within fp32 rounding of the eager reference, chunk after chunk, for m=1 and m=2 streams together."""
+    from infinisst_backend.encoder_graphs import EncoderGraphs
+
+    model = build(tiny_config(embed_dim=64), dtype=torch.float32)
+    calls = []
+    monkeypatch.setattr(window_kernel, "window_attention", _counting(window_kernel.window_attention, calls))
+    pool, twins = model.new_pool(4), model.new_pool(4)
+    pool.data.fill_(float("nan"))
+    graphs = EncoderGraphs(model, pool, max_batch=4, multipliers=[1, 2], capture=False)
+    ms = [1, 1, 2]
+    caches = [model.new_cache(m, pool) for m in ms]
+    eager = [model.new_cache(m, twins) for m in ms]
+    for k in range(3):
+        xs = [audio(SAMPLES_PER_UNIT * m, seed=10 * k + i) for i, m in enumerate(ms)]
+        before = graphs.replays
+        with speech_encoder.window_kernel_passes():
+            got = model.encode_chunks(caches, xs, graphs=graphs)
+        want = model.encode_chunks(eager, xs)  # eager passes: the reference ops
+        assert graphs.replays - before == 2  # one per m, first chunks included
+        for a, b in zip(got, want):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert calls, "the kernel did not run"
