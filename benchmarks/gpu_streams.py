@@ -554,6 +554,7 @@ def sweep(
         r = run_trial(bench, setting, n, scheduling, seed + len(trials))
         trials.append(r)
         _print_trial(setting, r)
+        _save_trial(bench, setting, r)
         if r["passes"]:
             good = max(good, n)
         else:
@@ -582,6 +583,7 @@ def sweep(
         r["repeat"] = True
         trials.append(r)
         _print_trial(setting, r)
+        _save_trial(bench, setting, r)
         if r["passes"]:
             passes_at_star += 1
             continue
@@ -595,6 +597,20 @@ def sweep(
         "trials": trials,
         "confirmed": bool(confirm) and passes_at_star >= confirm,
     }
+
+
+def _trials_log(bench: Bench) -> Path:
+    """``<--out>.trials.jsonl``: every trial of the run, one JSON line each, written as it ends."""
+    return Path(str(bench.args.out) + ".trials.jsonl")
+
+
+def _save_trial(bench: Bench, setting: Setting, r: dict) -> None:
+    """Append the trial to :func:`_trials_log`, so that a run cut off before its report (a device time limit) keeps
+    what it measured."""
+    path = _trials_log(bench)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"setting": setting.name, **r}) + "\n")
 
 
 def _print_trial(setting: Setting, r: dict) -> None:
@@ -1034,6 +1050,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = synthetic_llama3_tokenizer()
     bench = Bench(model, tokenizer, model_cfg, args, device=device, dtype=str(dtype).split(".")[1])
     bench.attention_backend = backend
+    _trials_log(bench).unlink(missing_ok=True)  # this run's trials only
     info = gpu_info(device)
     print(
         f"{info['gpu']}: model built in {time.perf_counter() - t_start:.0f} s, weights "

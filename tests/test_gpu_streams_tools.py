@@ -19,17 +19,18 @@ import gpu_streams  # noqa: E402
 RUNS = ROOT / "docs" / "benchmarks" / "gpu_streams_runs"
 
 
-def _bench(limit: int) -> SimpleNamespace:
+def _bench(limit: int, out: Path) -> SimpleNamespace:
     return SimpleNamespace(
         memory_limit=lambda setting: limit,
         deadline=float("inf"),
-        args=SimpleNamespace(seconds=60.0),
+        args=SimpleNamespace(seconds=60.0, out=str(out)),
     )
 
 
-def test_out_of_memory_trial_fails_and_the_sweep_goes_on(monkeypatch):
+def test_out_of_memory_trial_fails_and_the_sweep_goes_on(monkeypatch, tmp_path):
     """Trials pass up to 120 streams, fail on latency up to 140 and run out of GPU memory above: the sweep records the
-    out-of-memory trial as a failure and still brackets N* between a pass and a fail."""
+    out-of-memory trial as a failure and still brackets N* between a pass and a fail. Each trial is also appended to
+    ``<out>.trials.jsonl`` as it ends (what a run cut off before its report keeps)."""
 
     def trial(bench, setting, n, scheduling, seed):
         if n > 140:
@@ -39,13 +40,17 @@ def test_out_of_memory_trial_fails_and_the_sweep_goes_on(monkeypatch):
     monkeypatch.setattr(gpu_streams, "_run_trial", trial)
     monkeypatch.setattr(gpu_streams, "_print_trial", lambda setting, r: None)
     setting = gpu_streams.SETTINGS["greedy_m1"]
-    result = gpu_streams.sweep(_bench(limit=296), setting, "iteration", start=100, budget_s=1e6, seed=0)
+    result = gpu_streams.sweep(_bench(296, tmp_path / "run"), setting, "iteration", start=100, budget_s=1e6, seed=0)
     tried = {t["streams"]: t for t in result["trials"]}
     oom = [t for t in result["trials"] if t.get("reason") == "out of memory"]
     assert oom and all(not t["passes"] and "out of memory" in t["error"] and t["streams"] > 140 for t in oom)
     assert result["n_star"] == max(n for n, t in tried.items() if t["passes"])
     assert 100 <= result["n_star"] <= 120
     assert result["first_fail"] > result["n_star"]
+    saved = [json.loads(line) for line in (tmp_path / "run.trials.jsonl").read_text().splitlines()]
+    assert [(t["setting"], t["streams"], t["passes"]) for t in saved] == [
+        ("greedy_m1", t["streams"], t["passes"]) for t in result["trials"]
+    ]
 
 
 def test_combine_joins_runs_of_different_settings(tmp_path):
