@@ -223,15 +223,13 @@ class EncoderGraphs:
             self._copied[turn] = event
         if not on_host:
             s.chunks[:n].copy_(torch.stack([x.to(self._dev.device) for x in staged]))
+        # First chunks: a zero CNN tail (the eager path's prefix), and a zeroed slot, as the eager path's update
+        # leaves it, because the graph reads the whole window (masked) and an -inf bias does not cancel a NaN.
         firsts = [c.slot for c in caches if c.audio_tail is None]
         if firsts:
-            # First chunks: a zero CNN tail (the eager path's prefix), and a zeroed slot, as the eager path's update
-            # leaves it, because the graph reads the whole window (masked) and an -inf bias does not cancel a NaN.
             self.pool.clear(torch.tensor(firsts, device=self._dev.device))
-            zeros = s.tails.new_zeros(s.tail_len)
-            torch.stack([zeros if c.audio_tail is None else c.audio_tail for c in caches], out=s.tails[:n])
-        else:
-            torch.stack([c.audio_tail for c in caches], out=s.tails[:n])
+        zeros = s.tails.new_zeros(s.tail_len) if firsts else None
+        torch.stack([zeros if c.audio_tail is None else c.audio_tail for c in caches], out=s.tails[:n])
 
         if self.capture:
             self._graphs[(s.m, rows)].replay()
