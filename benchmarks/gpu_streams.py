@@ -930,7 +930,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the harness, no figures")
     parser.add_argument("--merge", nargs="+", metavar="RUN_JSON", help="pool earlier runs' trials (no GPU needed)")
     parser.add_argument(
-        "--combine", nargs="+", metavar="RUN_JSON", help="one report from runs of different settings (no GPU needed)"
+        "--combine",
+        nargs="+",
+        metavar="RUN_JSON[:SETTINGS]",
+        help="one report from runs of different settings (no GPU needed); RUN.json:a,b takes only those settings "
+        "of a run, RUN.json: none (its decode/prefill table only)",
     )
     return parser.parse_args(argv)
 
@@ -1002,23 +1006,37 @@ def merge_runs(paths: list[str], out: Path) -> None:
 def combine_runs(paths: list[str], out: Path) -> None:
     """One report from runs that each measured other settings (same GPU, same code): every setting keeps the N*,
     baselines and trials of the run that measured it; the decode/prefill table comes from the run with the most
-    batch sizes. ``--combine`` is for one headline measured in several calls (each within a device time limit)."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    batch sizes. ``--combine`` is for one headline measured in several calls (each within a device time limit).
+
+    A path may end in ``:SETTING[,SETTING...]`` to take only those settings of that run (for a setting that another
+    run measured again), or in a bare ``:`` to take none (a run given for its decode/prefill table); the report's
+    ``combined_from`` names what was taken from each."""
+    runs, taken = [], []
+    for path in paths:
+        file, colon, names = path.rpartition(":") if ":" in path else (path, "", "")
+        run = json.loads(Path(file).read_text())
+        wanted = [n for n in names.split(",") if n] if colon else list(run["settings"])
+        missing = [n for n in wanted if n not in run["settings"]]
+        if missing:
+            raise ValueError(f"{file} did not measure {', '.join(missing)}")
+        runs.append(run)
+        taken.append(wanted)
     if len({r["gpu"] for r in runs}) != 1:
         raise ValueError("runs from different GPUs cannot be combined")
     report = json.loads(json.dumps(runs[0]))
     report["command"] = " ; ".join(r["command"] for r in runs)
-    report["combined_from"] = [{"command": r["command"], "settings": list(r["settings"])} for r in runs]
+    report["combined_from"] = [{"command": r["command"], "settings": names} for r, names in zip(runs, taken)]
     report["elapsed_s"] = sum(r["elapsed_s"] for r in runs)
     settings, naive, speech, reserved = {}, {}, {}, {}
-    for r in runs:
-        for name, s in r["settings"].items():
+    for r, names in zip(runs, taken):
+        for name in names:
             if name in settings:
                 raise ValueError(f"setting {name} was measured by more than one run")
-            settings[name] = s
-        naive.update(r.get("naive") or {})
+            settings[name] = r["settings"][name]
+            for pooled, source in ((naive, r.get("naive") or {}), (reserved, r["memory"]["reserved_bytes_per_stream"])):
+                if name in source:
+                    pooled[name] = source[name]
         speech.update(r["memory"]["speech_cache_bytes"])
-        reserved.update(r["memory"]["reserved_bytes_per_stream"])
     order = list(SETTINGS)
     report["settings"] = {name: settings[name] for name in sorted(settings, key=order.index)}
     report["naive"] = {name: naive[name] for name in report["settings"] if name in naive}
@@ -1026,7 +1044,7 @@ def combine_runs(paths: list[str], out: Path) -> None:
     with_parts = [r for r in runs if r.get("parts")]
     if with_parts:
         report["parts"] = max(with_parts, key=lambda r: len(r["parts"]["decode"]))["parts"]
-    m1 = [r for r in runs if "greedy_m1" in r["settings"]]
+    m1 = [r for r, names in zip(runs, taken) if "greedy_m1" in names]
     report["memory_limit_streams"] = (m1 or runs)[0]["memory_limit_streams"]
     write_report(report, out)
 

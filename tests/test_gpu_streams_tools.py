@@ -72,3 +72,24 @@ def test_combine_joins_runs_of_different_settings(tmp_path):
     assert "| greedy_m2 | iteration | 290 | | | | | | no (out of GPU memory) |" in table
     with pytest.raises(ValueError, match="more than one run"):
         gpu_streams.combine_runs([str(m1), str(m1)], tmp_path / "twice")
+
+
+def test_combine_takes_the_named_settings_of_a_run(tmp_path):
+    """``RUN.json:a,b`` takes only those settings: a setting measured again by a later run comes from that run."""
+    m1, m2 = RUNS / "gpu_streams_m1_634b10b.json", RUNS / "gpu_streams_m2_beam4_634b10b.json"
+    beam = RUNS / "gpu_streams_beam4_634b10b.json"
+    out = tmp_path / "combined"
+    gpu_streams.combine_runs([str(m1), f"{m2}:greedy_m2", f"{beam}:beam4_m2"], out)
+    report = json.loads(out.with_suffix(".json").read_text())
+    runs = [json.loads(p.read_text()) for p in (m1, m2, beam)]
+    assert list(report["settings"]) == ["greedy_m1", "greedy_m2", "beam4_m2"]
+    assert report["settings"]["greedy_m2"] == runs[1]["settings"]["greedy_m2"]
+    assert report["settings"]["beam4_m2"] == runs[2]["settings"]["beam4_m2"]
+    assert report["naive"]["beam4_m2"] == runs[2]["naive"]["beam4_m2"]
+    assert [c["settings"] for c in report["combined_from"]] == [["greedy_m1"], ["greedy_m2"], ["beam4_m2"]]
+    gpu_streams.combine_runs([f"{m2}:greedy_m2", f"{m1}:", f"{RUNS / 'gpu_streams_m1_8f6ea59.json'}:"], out)
+    report = json.loads(out.with_suffix(".json").read_text())  # the last two for their decode/prefill tables only
+    assert list(report["settings"]) == ["greedy_m2"]
+    assert report["parts"] == json.loads((RUNS / "gpu_streams_m1_8f6ea59.json").read_text())["parts"]
+    with pytest.raises(ValueError, match="did not measure greedy_m1"):
+        gpu_streams.combine_runs([f"{m2}:greedy_m1"], tmp_path / "missing")
