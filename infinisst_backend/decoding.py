@@ -26,6 +26,7 @@ Scores are computed in float32 (as 4.47 does), or float64 when the logits are fl
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from array import array
 from collections.abc import Iterable, Sequence
@@ -307,31 +308,18 @@ class BeamTurn(TurnDecoder):
         return self._result
 
     def step(self, logits: Tensor) -> DecodeStep:
+        return beam_step([self], logits)[0]
+
+    def _current(self) -> tuple[list[_Hypothesis], list[int], list[float]]:
+        """This step's beams: each one's hypothesis, its row among the turn's logits rows, its cumulative score.
+        Before the first step the turn has one row, the root: 4.47 runs ``beams`` identical rows whose beams 1..
+        start at -1e9, so that only beam 0 expands."""
         if self._result is not None:
             raise RuntimeError("step() called on a finished turn")
-        first = not self._beams
-        rows = 1 if first else len(self._beams)
-        _check_logits(logits, rows)
-        # log_softmax allocates a new tensor: the caller's logits are left alone.
-        scores = torch.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)  # [rows, V]
-        current = [self.processors.root()] if first else self._beams
-        proc = self.processors
-        apply_processors(
-            scores, [proc.penalty] * rows, [proc.penalized(h) for h in current], [proc.banned(h) for h in current]
-        )
-        if first:
-            # 4.47 runs `beams` identical rows, beams 1.. starting at -1e9; all of them are row 0 here.
-            scores = scores.expand(self.num_beams, -1)
-            beam_scores = [0.0] + [_DEAD_BEAM_SCORE] * (self.num_beams - 1)
-            beam_rows = [0] * self.num_beams
-            current = current * self.num_beams
-        else:
-            beam_scores = [h.score for h in current]
-            beam_rows = list(range(rows))
-        vocab = scores.shape[1]
-        totals = scores + torch.tensor(beam_scores, dtype=scores.dtype, device=scores.device)[:, None]
-        values, indices = totals.reshape(-1).topk(min(self.num_candidates, totals.numel()))  # sorted, descending
-        return self._select(values.tolist(), indices.tolist(), vocab, current, beam_rows)
+        if not self._beams:
+            n = self.num_beams
+            return [self.processors.root()] * n, [0] * n, [0.0] + [_DEAD_BEAM_SCORE] * (n - 1)
+        return self._beams, list(range(len(self._beams))), [h.score for h in self._beams]
 
     def _select(
         self, values: list[float], indices: list[int], vocab: int, current: list[_Hypothesis], beam_rows: list[int]
@@ -396,6 +384,42 @@ class BeamTurn(TurnDecoder):
         self._result = TurnResult(list(hyp.emitted_ids), hyp.cache_row, hyp.cache_snapshot)
         self._beams = []
         return DecodeStep([], [], snapshots, list(hyp.emitted_ids), True)
+
+
+def beam_step(turns: Sequence[BeamTurn], logits: Tensor) -> list[DecodeStep]:
+    """One beam-search step for many streams at once. ``logits`` [R, V] holds each turn's rows in order: one row
+    before a turn's first step, one per beam after.
+
+    One log-softmax and one processor pass over all rows; per beam width, one top-k over every turn's beams and
+    one device-to-host transfer. Each turn then walks its own candidates, so stepping turns together chooses what
+    stepping each alone would.
+    """
+    current = [t._current() for t in turns]
+    counts = [rows[-1] + 1 for _, rows, _ in current]
+    _check_logits(logits, sum(counts))
+    # log_softmax allocates a new tensor: the caller's logits are left alone.
+    scores = torch.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)  # [R, V]
+    row_hyps = [(t.processors, h) for t, (hyps, _, _), n in zip(turns, current, counts) for h in hyps[:n]]
+    apply_processors(
+        scores,
+        [p.penalty for p, _ in row_hyps],
+        [p.penalized(h) for p, h in row_hyps],
+        [p.banned(h) for p, h in row_hyps],
+    )
+    starts = list(itertools.accumulate(counts, initial=0))
+    vocab = scores.shape[1]
+    steps: list[DecodeStep] = [None] * len(turns)  # type: ignore[list-item]
+    for width in sorted({t.num_beams for t in turns}):
+        group = [i for i, t in enumerate(turns) if t.num_beams == width]
+        index = torch.tensor([starts[i] + r for i in group for r in current[i][1]], device=scores.device)
+        cum = torch.tensor([c for i in group for c in current[i][2]], dtype=scores.dtype).to(scores.device)
+        totals = (scores[index] + cum[:, None]).view(len(group), width * vocab)
+        wanted = [min(turns[i].num_candidates, width * vocab) for i in group]
+        values, indices = totals.topk(max(wanted), dim=1)  # sorted, descending
+        for i, n, v, x in zip(group, wanted, values.tolist(), indices.tolist()):
+            hyps, rows, _ = current[i]
+            steps[i] = turns[i]._select(v[:n], x[:n], vocab, hyps, rows)
+    return steps
 
 
 def make_turn_decoder(

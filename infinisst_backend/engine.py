@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .config import MAX_LATENCY_MULTIPLIER, SAMPLE_RATE, DecodingConfig, EngineConfig, ModelConfig
-from .decoding import GreedyTurn, greedy_step, make_turn_decoder
+from .decoding import GreedyTurn, beam_step, greedy_step, make_turn_decoder
 from .detokenizer import IncrementalDetokenizer
 from .errors import CapacityError, EngineError, InvalidArgument, UnknownStream
 from .events import Event, RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
@@ -350,15 +350,16 @@ class Engine:
         self._flush_compactions()
 
     def _step_turns(self, streams: list[Stream], logits: torch.Tensor, offsets: list[int]) -> None:
-        """One decoding step of each stream's turn from its rows ``logits[offsets[i] : offsets[i + 1]]``: greedy
-        streams (one row each) in one batched step (one device-to-host transfer), beams stream by stream."""
+        """One decoding step of each stream's turn from its rows ``logits[offsets[i] : offsets[i + 1]]``: the greedy
+        streams (one row each) in one batched step, the beam streams in another, each with one device-to-host
+        transfer for the whole batch."""
         greedy = [i for i, s in enumerate(streams) if isinstance(s.turn.decoder, GreedyTurn)]
-        steps = dict(zip(greedy, self._greedy_steps([streams[i] for i in greedy], logits, offsets, greedy)))
+        beams = [i for i, s in enumerate(streams) if not isinstance(s.turn.decoder, GreedyTurn)]
+        steps = {}
+        for index, step_fn in ((greedy, greedy_step), (beams, beam_step)):
+            steps.update(zip(index, self._batched_steps(step_fn, streams, logits, offsets, index)))
         for i, stream in enumerate(streams):
-            if i in steps:
-                self._guarded(stream, self._apply, stream, steps[i])
-            else:
-                self._guarded(stream, self._advance, stream, logits[offsets[i] : offsets[i + 1]])
+            self._guarded(stream, self._apply, stream, steps[i])
 
     def _flush_compactions(self) -> None:
         """Run the evictions of the turns that ended in this step as one batched compaction.
@@ -383,15 +384,20 @@ class Engine:
             for stream, *_ in pending:
                 self._finish(stream, "error", code, f"KV cache eviction of stream {stream.id!r} failed: {e}")
 
-    def _greedy_steps(self, streams: list[Stream], logits: torch.Tensor, offsets: list[int], index: list[int]):
-        if not streams:
+    def _batched_steps(self, step_fn, streams: list[Stream], logits: torch.Tensor, offsets: list[int], index):
+        """``step_fn`` (greedy_step or beam_step) over the streams ``index``, whose rows are gathered from ``logits``
+        unless they are all of it."""
+        if not index:
             return []
-        rows = torch.tensor([offsets[i] for i in index], device=logits.device)
+        rows = [r for i in index for r in range(offsets[i], offsets[i + 1])]
+        if rows != list(range(logits.shape[0])):
+            logits = logits[torch.tensor(rows, device=logits.device)]
         try:
-            return greedy_step([s.turn.decoder for s in streams], logits[rows])
+            return step_fn([streams[i].turn.decoder for i in index], logits)
         except Exception:  # find the culprit: step each stream alone so only it fails
-            logger.exception("batched greedy step failed; stepping streams one by one")
-            return [_LazyStep(s, logits[offsets[i] : offsets[i] + 1]) for s, i in zip(streams, index)]
+            logger.exception("batched decoding step failed; stepping streams one by one")
+            starts = itertools.accumulate((offsets[i + 1] - offsets[i] for i in index), initial=0)
+            return [_LazyStep(streams[i], logits[o : o + offsets[i + 1] - offsets[i]]) for i, o in zip(index, starts)]
 
     def _guarded(self, stream: Stream, fn, *args) -> None:
         """Run per-stream work; a failure fails only this stream."""
@@ -401,10 +407,6 @@ class Engine:
             logger.exception("stream %r failed", stream.id)
             code = e.code if isinstance(e, EngineError) else "INTERNAL"
             self._finish(stream, "error", code, f"processing of stream {stream.id!r} failed: {e}")
-
-    def _advance(self, stream: Stream, logits: torch.Tensor) -> None:
-        """Feed one step's logits to the stream's turn decoder and apply its decision."""
-        self._apply(stream, stream.turn.decoder.step(logits))
 
     def _apply(self, stream: Stream, step) -> None:
         """Apply a decoding step to the stream: snapshots, streamed text, turn end or the next rows."""

@@ -37,6 +37,7 @@ from infinisst_backend.decoding import (  # noqa: E402
     TurnResult,
     _Finished,
     apply_processors,
+    beam_step,
     greedy_step,
     make_turn_decoder,
 )
@@ -419,3 +420,39 @@ def test_finished_set_keeps_the_best():
     kept = [dec._add(_Finished(score, [], None, None)) for score in (-1.0, -2.0, -3.0, -0.5, -1.0, -0.9)]
     assert kept == [True, True, False, True, False, True]
     assert [h.score for h in dec._finished] == [-0.5, -0.9]
+
+
+def test_beam_step_over_many_streams_equals_each_alone():
+    """beam_step over streams of beam widths 2, 3 and 4, other penalties, prompts and histories, each joining at its
+    own step (so first steps and later ones share a batch), chooses what each stream's own step() chooses, step
+    after step to the end of every turn (EOS finishes, n-gram bans, max length)."""
+    g = torch.Generator().manual_seed(11)
+    specs = [(2, 1.0, 6), (4, 1.2, 7), (3, 1.5, 5), (4, 1.2, 8), (2, 1.3, 4)]
+
+    def turns():
+        return [
+            make_turn_decoder(
+                DecodingConfig(beam_size=b, repetition_penalty=pen), _prompt(40 + i, 9), _prompt(60 + i, 30), n, EOS
+            )
+            for i, (b, pen, n) in enumerate(specs)
+        ]
+
+    batched, alone = turns(), turns()
+    rows = [1] * len(specs)
+    steps = 0
+    while any(not t.done for t in batched):
+        live = [i for i, t in enumerate(batched) if not t.done and i <= steps]  # stream i joins at step i
+        blocks = []
+        for i in live:
+            block = torch.randn(rows[i], VOCAB, generator=g, dtype=torch.float64) * 2
+            block[:, list(EOS)] -= 1.5 - 0.25 * steps  # EOS grows likelier as the turns go on
+            blocks.append(block)
+        together = beam_step([batched[i] for i in live], torch.cat(blocks))
+        for i, block, got in zip(live, blocks, together):
+            assert got == alone[i].step(block), (i, steps)
+            rows[i] = len(got.parents)
+        steps += 1
+    assert [t.result() for t in batched] == [t.result() for t in alone]
+    assert any(t.result().cache_snapshot is not None for t in batched)  # some turn ended on an EOS hypothesis
+    with pytest.raises(ValueError, match="shape"):
+        beam_step(turns()[:2], torch.zeros(3, VOCAB))

@@ -410,33 +410,66 @@ def test_prefill_waits_for_a_fuller_batch_while_decodes_run(bundle):
     engine.run_until_idle()
 
 
-def test_a_prefill_steps_its_greedy_streams_in_one_batch(bundle, monkeypatch):
-    """After a prefill, the greedy streams' first tokens come from one batched greedy_step (one device-to-host
-    transfer for the step), the beam stream steps on its own, and every stream's output is what it gets alone."""
+def test_a_step_decodes_its_greedy_and_its_beam_streams_in_two_batches(bundle, monkeypatch):
+    """After a prefill, the greedy streams' first tokens come from one batched greedy_step and the beam streams'
+    (widths 2 and 3) from one batched beam_step, one device-to-host transfer each; later decode steps batch the
+    beams too; every stream's output is what it gets alone."""
     import infinisst_backend.engine as engine_module
 
     rng = np.random.default_rng(12)
-    audio = {i: random_audio(rng, 0.96) for i in range(4)}
-    decodings = {0: GREEDY, 1: DecodingConfig(beam_size=2), 2: GREEDY, 3: GREEDY}
-    engine = make_engine(bundle, batch_timeout_s=0.0, max_batch_size=8)
+    beam2, beam3 = DecodingConfig(beam_size=2), DecodingConfig(beam_size=3)
+    decodings = {0: GREEDY, 1: beam2, 2: GREEDY, 3: GREEDY, 4: beam3, 5: beam2}
+    audio = {i: random_audio(rng, 1.92) for i in decodings}
+    engine = make_engine(bundle, batch_timeout_s=0.0, max_batch_size=32)
     for i, decoding in decodings.items():
         engine.open_stream(i, "German", 1, decoding)
         engine.add_audio(i, audio[i], tag="a", end=True)
     engine._apply_inbox()
     step = engine.scheduler.schedule(list(engine._streams.values()), engine._system_len_hint, 1e9)
-    assert step.phase == PREFILL and sorted(s.id for s in step.streams) == [0, 1, 2, 3]
-    batches = []
-    real = engine_module.greedy_step
-    monkeypatch.setattr(
-        engine_module, "greedy_step", lambda turns, logits: (batches.append(len(turns)), real(turns, logits))[1]
-    )
+    assert step.phase == PREFILL and sorted(s.id for s in step.streams) == list(decodings)
+    batches = {"greedy_step": [], "beam_step": []}
+    for name, batch in batches.items():
+        real = getattr(engine_module, name)
+        monkeypatch.setattr(
+            engine_module,
+            name,
+            lambda turns, logits, real=real, batch=batch: (batch.append(len(turns)), real(turns, logits))[1],
+        )
     engine._run_prefill(step.streams)
-    assert batches == [3]
-    monkeypatch.undo()
+    assert batches == {"greedy_step": [3], "beam_step": [3]}
     engine.run_until_idle()
+    assert max(batches["beam_step"]) == 3  # decode steps stepped the beam streams together
     for i, decoding in decodings.items():
         got, alone = collect(engine.events, i), run_alone(bundle, audio[i], "German", 1, decoding)
         assert got["turns"] == alone["turns"] and got["text"] == alone["text"] and not got["errors"], i
+
+
+def test_a_failing_beam_step_fails_only_its_stream(bundle, monkeypatch):
+    """When the batched beam step raises, the engine steps each beam stream alone: only the stream whose decoder
+    fails ends with an error, and the other beam stream still writes what it writes alone."""
+    from infinisst_backend.decoding import BeamTurn
+
+    real = BeamTurn._current
+
+    def current(self):
+        if self.processors.penalty == 1.31:
+            raise RuntimeError("injected beam fault")
+        return real(self)
+
+    monkeypatch.setattr(BeamTurn, "_current", current)
+    rng = np.random.default_rng(13)
+    decodings = {"doomed": DecodingConfig(beam_size=2, repetition_penalty=1.31), "ok": DecodingConfig(beam_size=2)}
+    audio = {sid: random_audio(rng, 1.92) for sid in decodings}
+    engine = make_engine(bundle, batch_timeout_s=0.0)
+    for sid, decoding in decodings.items():
+        engine.open_stream(sid, "German", 1, decoding)
+        engine.add_audio(sid, audio[sid], tag=sid, end=True)
+    engine.run_until_idle()
+    doomed, ok = collect(engine.events, "doomed"), collect(engine.events, "ok")
+    assert doomed["finished"] == "error" and any("injected beam fault" in m for _, _, m in doomed["errors"])
+    assert ok["finished"] == "end" and ok["errors"] == [] and len(ok["turns"]) >= 1
+    assert ok["turns"] == run_alone(bundle, audio["ok"], "German", 1, decodings["ok"])["turns"]
+    assert engine.runner.pool.num_free == engine.runner.pool.num_pages
 
 
 def test_kv_cache_dtype_other_than_the_compute_dtype(bundle):
