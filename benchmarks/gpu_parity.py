@@ -48,6 +48,7 @@ both sides use torch attention, so it measures nothing about FlashInfer. ``--llm
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -100,6 +101,7 @@ class Target:
     max_streams: int
     cuda_graphs: bool = True  # the engine's default
     candidate_kv_dtype: str = "auto"  # the candidate's EngineConfig.kv_cache_dtype
+    reference_dtype: str | None = None  # the reference runs on a copy of the model in this dtype (None: dtype)
 
     @property
     def smoke(self) -> bool:
@@ -227,7 +229,16 @@ def text_rows(model, ids: list[int], start: int) -> torch.Tensor:
 
 
 def teacher_forced(
-    model, tokenizer, model_cfg, target: Target, streams: int, chunks: int, seed: int, solo: int, speech_source: str
+    model,
+    tokenizer,
+    model_cfg,
+    target: Target,
+    streams: int,
+    chunks: int,
+    seed: int,
+    solo: int,
+    speech_source: str,
+    ref_model=None,
 ):
     """Check 1: the candidate runner and the torch runner, both fed the torch path's tokens, turn by turn.
 
@@ -238,18 +249,23 @@ def teacher_forced(
     The bf16 noise floor: the first ``solo`` streams also run through a third runner (torch attention) one
     sequence at a time. Only the batch composition differs from the reference (so the GEMMs round differently),
     which is how far two correct bf16 implementations drift apart.
+
+    ``ref_model`` (``--reference-dtype``): the reference runs on this copy of the model in a wider dtype, and the
+    speech rows it encodes are rounded to the candidate's dtype. The solo runner stays in the candidate's dtype,
+    so the "floor" is then the torch path in that dtype against the wide reference: what its rounding alone does.
     """
+    ref_model = model if ref_model is None else ref_model
     prompts = PromptBuilder(tokenizer, model_cfg.prompt)
     system_len = prompts.first_turn("German", 1).system_len
     pages = target.pages(4096, streams, 1, system_len)
-    ref = ModelRunner(model, target.config("torch", pages), pages)
+    ref = ModelRunner(ref_model, target.config("torch", pages, dtype=target.reference_dtype or target.dtype), pages)
     fi = ModelRunner(model, target.config(target.candidate, pages), pages)
     solo_pages = target.pages(2048, max(1, solo), 1, system_len)
     alone = ModelRunner(model, target.config("torch", solo_pages), solo_pages)
     runners = (ref, fi, alone)
     rng = np.random.default_rng(seed)
     lengths = TurnLengths(seed)
-    caches = [model.speech.new_cache(1) for _ in range(streams)]
+    caches = [ref_model.speech.new_cache(1) for _ in range(streams)]
     seqs = [tuple(r.new_sequence() for r in runners) for _ in range(streams)]
     checkpoints: list[list[int]] = [[] for _ in range(streams)]
     fi_cmp, floor_cmp = _Compare(), _Compare()
@@ -264,8 +280,9 @@ def teacher_forced(
         else:
             speech = ref.encode_speech(caches, audio)  # shared by all paths
         turn = [prompts.first_turn("German", 1) if k == 0 else prompts.next_turn(1) for _ in range(streams)]
-        parts = [(p.prefix_ids, emb, p.suffix_ids) for p, emb in zip(turn, speech)]
-        logits_ref = ref.prefill([s[0] for s in seqs], parts)
+        ref_parts = [(p.prefix_ids, emb, p.suffix_ids) for p, emb in zip(turn, speech)]
+        parts = [(p.prefix_ids, emb.to(model.dtype), p.suffix_ids) for p, emb in zip(turn, speech)]
+        logits_ref = ref.prefill([s[0] for s in seqs], ref_parts)
         logits_fi = fi.prefill([s[1] for s in seqs], parts)
         logits_solo = {i: alone.prefill([seqs[i][2]], [parts[i]])[0] for i in range(solo)}
         if k == 0:
@@ -471,6 +488,13 @@ def main() -> None:
         "padded-batch GEMMs from FlashInfer's own arithmetic",
     )
     parser.add_argument(
+        "--reference-dtype",
+        choices=("float32", "float64"),
+        default=None,
+        help="run the reference on a copy of the model in this dtype: the candidate's and the one-at-a-time torch "
+        "path's distance from it is what --dtype's rounding costs (with --device cpu: torch in --dtype vs torch wide)",
+    )
+    parser.add_argument(
         "--candidate-kv-dtype",
         choices=("auto", "float16", "bfloat16"),
         default="auto",
@@ -486,13 +510,15 @@ def main() -> None:
         max_streams=64 if args.device == "cuda" else args.streams + 2,
         cuda_graphs=not args.no_cuda_graphs,
         candidate_kv_dtype=args.candidate_kv_dtype,
+        reference_dtype=args.reference_dtype,
     )
     out = Path(args.out or default_out(args.llm, target.smoke))
     t0 = time.perf_counter()
     model, tokenizer, model_cfg, model_info = build_model(args, target)
     print(f"model ({time.perf_counter() - t0:.0f} s): {model_info['text']}", flush=True)
+    ref_model = copy.deepcopy(model).to(DTYPES[args.reference_dtype]) if args.reference_dtype else None
     forced = teacher_forced(
-        model, tokenizer, model_cfg, target, args.streams, args.chunks, args.seed, args.solo, args.speech
+        model, tokenizer, model_cfg, target, args.streams, args.chunks, args.seed, args.solo, args.speech, ref_model
     )
     print("teacher-forced:", json.dumps(forced), flush=True)
     free = free_running(model, tokenizer, model_cfg, target, max(1, args.streams // 2), args.engine_seconds, args.seed)
@@ -552,6 +578,7 @@ def make_report(args, target: Target, model_info: dict, forced: dict, free: dict
         + ("CUDA graphs on (the engine's default)" if target.cuda_graphs else "CUDA graphs off (eager decode steps)"),
         "attention": {
             "reference": "torch",
+            "reference_dtype": target.reference_dtype or target.dtype,
             "candidate": target.candidate,
             "candidate_kv_cache_dtype": target.candidate_kv_dtype,
         },
@@ -579,9 +606,25 @@ def markdown(report: dict) -> str:
     near = next(k for k in forced if k.startswith("ref_near_tie_fraction"))
     leaks = list(forced["pages_leaked"].values()) + list(free["pages_leaked"].values())
     candidate = "torch (smoke run)" if smoke else "FlashInfer"
+    dtype, wide = report["dtype"], report["attention"].get("reference_dtype", report["dtype"])
     title = f"# FlashInfer vs torch attention on the GPU: {info['title']}"
+    if smoke and wide != dtype:
+        candidate = f"torch in {dtype}"
+        title = f"# What {dtype} rounding costs: torch in {dtype} vs the same model in {wide}, {info['title']}"
+    floor_name = "torch batched vs torch one stream at a time"
+    if wide != dtype:
+        floor_name = f"torch in {dtype}, one stream at a time, vs the {wide} reference"
+    on_copy = "" if wide == dtype else f", on a {wide} copy of the model"
+    kv_dtype = report["attention"]["candidate_kv_cache_dtype"]
     lines = [title, ""]
-    if smoke:
+    if smoke and wide != dtype:
+        lines += [
+            f"**On the CPU: both sides use torch attention; the candidate runs in {dtype}, the reference on a {wide} "
+            f"copy of the same weights. The figures measure {dtype} rounding alone; they say nothing about "
+            "FlashInfer, and the pass column's noise-floor checks do not apply.**",
+            "",
+        ]
+    elif smoke:
         lines += [
             "**SMOKE RUN on the CPU: both sides use torch attention; the figures below check the harness, they say "
             "nothing about FlashInfer.**",
@@ -590,7 +633,7 @@ def markdown(report: dict) -> str:
     lines += [
         f"{env['gpu']}, torch {env['torch']}, FlashInfer {env.get('flashinfer', '-')}; {info['text']}; greedy m=1, "
         f"{report['window']}-token window; logits: {report['logits']}. Reference: torch attention (float32 "
-        f"softmax); candidate: {candidate} (KV cache dtype {report['attention']['candidate_kv_cache_dtype']}). "
+        f"softmax){on_copy}; candidate: {candidate} (KV cache dtype {kv_dtype}). "
         + SPEECH_TEXT[report.get("speech", "noise")],
         "",
         f"Command: `{report['command']}`",
@@ -613,7 +656,7 @@ def markdown(report: dict) -> str:
         f"| reference top-1 - top-2 logit margin: median / 5th percentile / steps below {NEAR_TIE} / largest at a "
         f"flip | {forced['ref_top2_margin_median']:.3f} / {forced['ref_top2_margin_p05']:.3f} / {forced[near]:.4f} / "
         f"{_fmt(forced['ref_margin_at_flips_max'])} | |",
-        f"| noise floor (torch batched vs torch one stream at a time, {floor['turns']} turns): turns identical / "
+        f"| noise floor ({floor_name}, {floor['turns']} turns): turns identical / "
         f"step agreement / logits rel. error median | {floor['turn_identical_fraction']:.4f} / "
         f"{floor['step_argmax_agreement']:.4f} / {floor['logits_rel_error_median']:.2e} | |",
         f"| layer-0 K/V within bf16 rounding (max error {forced['layer0_kv_max_error_ulps']:.2f} ulps) | "
