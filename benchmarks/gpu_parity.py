@@ -341,7 +341,7 @@ def run_engine(
     """Streams of noise through an engine on the caller's thread; the turn ids per stream and the leak check."""
     system_len = PromptBuilder(tokenizer, model_cfg.prompt).first_turn("German", 1).system_len
     pages = target.pages(8192, streams, beam, system_len)
-    engine = Engine(model, tokenizer, model_cfg, target.config(backend, pages))
+    engine = Engine(model, tokenizer, model_cfg, target.config(backend, pages, dtype=_dtype_name(model.dtype)))
     rng = np.random.default_rng(seed)
     for i in range(streams):
         engine.open_stream(i, "German", 1, DecodingConfig(beam_size=beam))
@@ -363,9 +363,13 @@ def run_engine(
     return {"turns": turns, "errors": errors, "pages_leaked": pool.num_pages - pool.num_free, "stats": engine.stats()}
 
 
-def free_running(model, tokenizer, model_cfg, target: Target, streams: int, seconds: float, seed: int) -> dict:
-    """Check 2 and 3: the same streams through a torch engine and a candidate engine (greedy), plus beam 4."""
-    ref = run_engine(model, tokenizer, model_cfg, target, "torch", streams, seconds, 1, seed)
+def free_running(
+    model, tokenizer, model_cfg, target: Target, streams: int, seconds: float, seed: int, ref_model=None
+) -> dict:
+    """Check 2 and 3: the same streams through a torch engine (on ``ref_model`` when given) and a candidate engine
+    (greedy), plus beam 4."""
+    ref_model = model if ref_model is None else ref_model
+    ref = run_engine(ref_model, tokenizer, model_cfg, target, "torch", streams, seconds, 1, seed)
     fi = run_engine(model, tokenizer, model_cfg, target, target.candidate, streams, seconds, 1, seed)
     beam_streams = max(1, streams // 2)
     beam = run_engine(model, tokenizer, model_cfg, target, target.candidate, beam_streams, seconds / 2, 4, seed)
@@ -395,6 +399,10 @@ def free_running(model, tokenizer, model_cfg, target: Target, streams: int, seco
         # The reference engine's first turns of stream 0, as text (what the real LLM writes for speech rows).
         "sample_turns": [tokenizer.decode(t) for t in ref["turns"].get(0, [])[:SAMPLE_TURNS]],
     }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 def default_out(llm: str, smoke: bool) -> str:
@@ -521,7 +529,8 @@ def main() -> None:
         model, tokenizer, model_cfg, target, args.streams, args.chunks, args.seed, args.solo, args.speech, ref_model
     )
     print("teacher-forced:", json.dumps(forced), flush=True)
-    free = free_running(model, tokenizer, model_cfg, target, max(1, args.streams // 2), args.engine_seconds, args.seed)
+    streams = max(1, args.streams // 2)
+    free = free_running(model, tokenizer, model_cfg, target, streams, args.engine_seconds, args.seed, ref_model)
     print("free-running:", json.dumps({k: v for k, v in free.items() if k != "first_differing_turn"}), flush=True)
     report = make_report(args, target, model_info, forced, free, time.perf_counter() - t0)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -616,6 +625,7 @@ def markdown(report: dict) -> str:
         floor_name = f"torch in {dtype}, one stream at a time, vs the {wide} reference"
     on_copy = "" if wide == dtype else f", on a {wide} copy of the model"
     kv_dtype = report["attention"]["candidate_kv_cache_dtype"]
+    engines = "" if wide == dtype else f" ({dtype} vs {wide})"
     lines = [title, ""]
     if smoke and wide != dtype:
         lines += [
@@ -661,8 +671,9 @@ def markdown(report: dict) -> str:
         f"{floor['step_argmax_agreement']:.4f} / {floor['logits_rel_error_median']:.2e} | |",
         f"| layer-0 K/V within bf16 rounding (max error {forced['layer0_kv_max_error_ulps']:.2f} ulps) | "
         f"{forced['layer0_kv_within_bf16']} | {checks['layer0_kv_within_bf16']} |",
-        f"| free-running engines: turns identical ({free['turns']} turns, {free['turn_tokens_mean']:.1f} tokens per "
-        f"turn, {free['empty_turn_fraction']:.0%} empty) | {free['turn_identical_fraction']:.4f} | (informational) |",
+        f"| free-running engines{engines}: turns identical ({free['turns']} turns, "
+        f"{free['turn_tokens_mean']:.1f} tokens per turn, {free['empty_turn_fraction']:.0%} empty) | "
+        f"{free['turn_identical_fraction']:.4f} | (informational) |",
         f"| pages leaked (torch / {candidate} / solo runners, engines torch / {candidate} / beam 4) | {leaks} | "
         f"{checks['no_page_leak']} |",
         f"| stream errors | {len(free['errors'])} | {checks['no_stream_errors']} |",
