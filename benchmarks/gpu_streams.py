@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import gc
 import inspect
+import io
 import json
 import math
 import platform
+import pstats
 import sys
 import time
 from collections.abc import Iterator
@@ -276,6 +279,7 @@ class Bench:
     device: str = "cuda"
     dtype: str = "bfloat16"
     attention_backend: str = "flashinfer"
+    profiled: bool = False  # --profile-host: the first trial has run under cProfile
 
     def __post_init__(self) -> None:
         self.prompts = PromptBuilder(self.tokenizer, self.model_cfg.prompt)
@@ -328,6 +332,9 @@ def run_trial(bench: Bench, setting: Setting, n: int, scheduling: str, seed: int
     trial, reported as such, and the sweep goes on."""
     wall0 = time.perf_counter()
     try:
+        if getattr(bench.args, "profile_host", False) and not bench.profiled:
+            bench.profiled = True
+            return _profiled_trial(bench, setting, n, scheduling, seed)
         return _run_trial(bench, setting, n, scheduling, seed)
     except torch.OutOfMemoryError as e:
         message = str(e).split(". ")[0]
@@ -347,6 +354,28 @@ def run_trial(bench: Bench, setting: Setting, n: int, scheduling: str, seed: int
         "max_allocated_gib": round(peak / 2**30, 2),
         "wall_s": wall,
     }
+
+
+def _profiled_trial(bench: Bench, setting: Setting, n: int, scheduling: str, seed: int) -> dict:
+    """``--profile-host``: the run's first trial under cProfile (host-side Python: engine, scheduler, decoding, the
+    runner's host work, the driver), written to ``<out>.host_profile_<setting>_<n>.txt``. Profiling slows the
+    host, so the trial is marked ``profiled``: the sweep counts it neither as a pass nor as a fail and runs the same
+    N again."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        result = _run_trial(bench, setting, n, scheduling, seed)
+    finally:
+        profiler.disable()
+        path = Path(f"{bench.args.out}.host_profile_{setting.name}_{n}.txt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = io.StringIO()
+        text.write(f"cProfile of one {setting.name} trial at N={n} ({scheduling}); times include profiling overhead\n")
+        for key in ("tottime", "cumulative"):
+            pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(40)
+        path.write_text(text.getvalue())
+        print(f"  host profile: {path}", flush=True)
+    return {**result, "profiled": True, "passes": False, "reason": "profiled (cProfile slows the host)"}
 
 
 def _run_trial(bench: Bench, setting: Setting, n: int, scheduling: str, seed: int) -> dict:
@@ -555,6 +584,8 @@ def sweep(
         trials.append(r)
         _print_trial(setting, r)
         _save_trial(bench, setting, r)
+        if r.get("profiled"):  # neither a pass nor a fail: the same N again, unprofiled
+            continue
         if r["passes"]:
             good = max(good, n)
         else:
@@ -613,6 +644,13 @@ def _save_trial(bench: Bench, setting: Setting, r: dict) -> None:
         f.write(json.dumps({"setting": setting.name, **r}) + "\n")
 
 
+def _verdict(r: dict) -> str:
+    """A trial's pass column in the report."""
+    if r.get("profiled"):
+        return "(profiled: not counted)"
+    return "yes" if r["passes"] else "no" + (" (" + r["aborted"] + ")" if r["aborted"] else "")
+
+
 def _print_trial(setting: Setting, r: dict) -> None:
     if r.get("reason") == "memory":
         print(f"  {setting.name} {r['scheduling']:9s} N={r['streams']:4d}  over the memory limit", flush=True)
@@ -625,7 +663,7 @@ def _print_trial(setting: Setting, r: dict) -> None:
         f"p99={_f(r['p99_s'])}  busy={r['busy_fraction']:.2f} wall={r['wall_s']:.0f}s "
         f"dec_rows={r['mean_decode_rows']:.0f} pre_streams={r['mean_prefill_streams']:.1f} "
         f"model={r['model_s']} overhead={r['engine_overhead_s']:.1f}s mem0={r.get('allocated_before_gib')}G  "
-        f"{'PASS' if r['passes'] else 'FAIL ' + str(r['aborted'] or '')}",
+        f"{'PROFILED' if r.get('profiled') else 'PASS' if r['passes'] else 'FAIL ' + str(r['aborted'] or '')}",
         flush=True,
     )
 
@@ -825,7 +863,7 @@ def write_report(report: dict, out: Path) -> None:
                 lines.append(
                     f"| {name} | {sched} | {n} | {_f(r['p50_s'])} | {_f(r['p95_s'])} | {_f(r['p99_s'])} | "
                     f"{_f(r['ca_delay_p95_s'])} | {r['busy_fraction']:.2f} | "
-                    f"{'yes' if r['passes'] else 'no' + (' (' + r['aborted'] + ')' if r['aborted'] else '')} |"
+                    f"{_verdict(r)} |"
                 )
     parts = report.get("parts")
     if parts:
@@ -927,6 +965,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--confirm", type=int, default=0, help="repeat the trial at N* until it passed this many more times"
     )
+    parser.add_argument(
+        "--profile-host",
+        action="store_true",
+        help="run the first trial under cProfile and write <out>.host_profile_<setting>_<N>.txt (that trial fails)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the harness, no figures")
     parser.add_argument("--merge", nargs="+", metavar="RUN_JSON", help="pool earlier runs' trials (no GPU needed)")
     parser.add_argument(
@@ -961,7 +1004,11 @@ def merge_runs(paths: list[str], out: Path) -> None:
         for sched in ("iteration", "static"):
             trials = merged["sweeps"][sched]["trials"]
             passed = [t["streams"] for t in trials if t["passes"]]
-            failed = [t["streams"] for t in trials if not t["passes"] and t.get("reason") != "memory"]
+            failed = [
+                t["streams"]
+                for t in trials
+                if not t["passes"] and t.get("reason") != "memory" and not t.get("profiled")
+            ]
             merged[sched] = {
                 "largest_pass": max(passed, default=0),
                 "smallest_fail": min(failed, default=None),

@@ -93,3 +93,30 @@ def test_combine_takes_the_named_settings_of_a_run(tmp_path):
     assert report["parts"] == json.loads((RUNS / "gpu_streams_m1_8f6ea59.json").read_text())["parts"]
     with pytest.raises(ValueError, match="did not measure greedy_m1"):
         gpu_streams.combine_runs([f"{m2}:greedy_m1"], tmp_path / "missing")
+
+
+def test_profile_host_profiles_the_first_trial_and_repeats_it(monkeypatch, tmp_path):
+    """--profile-host: the first trial runs under cProfile and writes its host profile; it counts neither as a pass
+    nor as a fail, and the sweep runs the same N again, unprofiled."""
+
+    def busy_host_work(n):
+        return sum(i * i for i in range(20_000 + n))
+
+    def trial(bench, setting, n, scheduling, seed):
+        busy_host_work(n)
+        return {"streams": n, "scheduling": scheduling, "passes": n <= 120, "wall_s": 1.0, "p95_s": 0.4}
+
+    monkeypatch.setattr(gpu_streams, "_run_trial", trial)
+    monkeypatch.setattr(gpu_streams, "_print_trial", lambda setting, r: None)
+    bench = _bench(296, tmp_path / "run")
+    bench.args.profile_host, bench.profiled = True, False
+    setting = gpu_streams.SETTINGS["beam4_m2"]
+    result = gpu_streams.sweep(bench, setting, "iteration", start=100, budget_s=1e6, seed=0)
+    first, second = result["trials"][:2]
+    assert first["profiled"] and not first["passes"] and first["streams"] == second["streams"] == 100
+    assert second["passes"] and not second.get("profiled")
+    assert sum(bool(t.get("profiled")) for t in result["trials"]) == 1
+    assert 100 <= result["n_star"] <= 120 and result["first_fail"] > 120
+    profile = (tmp_path / "run.host_profile_beam4_m2_100.txt").read_text()
+    assert "beam4_m2 trial at N=100" in profile and "busy_host_work" in profile
+    assert "(profiled: not counted)" == gpu_streams._verdict(first)
