@@ -272,7 +272,34 @@ def greedy_step(turns: Sequence[GreedyTurn], logits: Tensor) -> list[DecodeStep]
         [t.processors.banned(t._hyp) for t in turns],
     )
     tokens = scores.argmax(dim=-1).tolist()  # ties go to the lowest id, as in generate()
-    return [turn._advance(token) for turn, token in zip(turns, tokens)]
+    return _step_each(turns, lambda i, turn: turn._advance(tokens[i]))
+
+
+class PartialStepError(Exception):
+    """Some turns of a batched step failed after others had stepped. ``steps[i]`` is turn i's step (``None`` where
+    it failed) and ``failures[i]`` its exception. The turns that stepped have moved on: they must not step again."""
+
+    def __init__(self, steps: list[DecodeStep | None], failures: dict[int, Exception]):
+        super().__init__(f"{len(failures)} of {len(steps)} turns failed: {next(iter(failures.values()))!r}")
+        self.steps, self.failures = steps, failures
+
+
+def _step_each(turns: Sequence[TurnDecoder], step) -> list[DecodeStep]:
+    """``step(i, turns[i])`` for every turn, each on its own: one turn's failure does not stop the others. A single
+    turn's failure is raised as it is; in a batch, :class:`PartialStepError` carries every outcome."""
+    steps: list[DecodeStep | None] = []
+    failures: dict[int, Exception] = {}
+    for i, turn in enumerate(turns):
+        try:
+            steps.append(step(i, turn))
+        except Exception as e:
+            steps.append(None)
+            failures[i] = e
+    if failures:
+        if len(turns) == 1:
+            raise failures[0]
+        raise PartialStepError(steps, failures)
+    return steps  # type: ignore[return-value]
 
 
 @dataclass(slots=True)
@@ -392,7 +419,8 @@ def beam_step(turns: Sequence[BeamTurn], logits: Tensor) -> list[DecodeStep]:
 
     One log-softmax and one processor pass over all rows; per beam width, one top-k over every turn's beams and
     one device-to-host transfer. Each turn then walks its own candidates, so stepping turns together chooses what
-    stepping each alone would.
+    stepping each alone would. An error before that walk changes no turn; one in a turn's walk fails that turn only
+    (:class:`PartialStepError`).
     """
     current = [t._current() for t in turns]
     counts = [rows[-1] + 1 for _, rows, _ in current]
@@ -408,7 +436,7 @@ def beam_step(turns: Sequence[BeamTurn], logits: Tensor) -> list[DecodeStep]:
     )
     starts = list(itertools.accumulate(counts, initial=0))
     vocab = scores.shape[1]
-    steps: list[DecodeStep] = [None] * len(turns)  # type: ignore[list-item]
+    candidates: list[tuple[list[float], list[int]]] = [([], [])] * len(turns)
     for width in sorted({t.num_beams for t in turns}):
         group = [i for i, t in enumerate(turns) if t.num_beams == width]
         index = torch.tensor([starts[i] + r for i in group for r in current[i][1]], device=scores.device)
@@ -417,9 +445,8 @@ def beam_step(turns: Sequence[BeamTurn], logits: Tensor) -> list[DecodeStep]:
         wanted = [min(turns[i].num_candidates, width * vocab) for i in group]
         values, indices = totals.topk(max(wanted), dim=1)  # sorted, descending
         for i, n, v, x in zip(group, wanted, values.tolist(), indices.tolist()):
-            hyps, rows, _ = current[i]
-            steps[i] = turns[i]._select(v[:n], x[:n], vocab, hyps, rows)
-    return steps
+            candidates[i] = (v[:n], x[:n])
+    return _step_each(turns, lambda i, turn: turn._select(*candidates[i], vocab, current[i][0], current[i][1]))
 
 
 def make_turn_decoder(

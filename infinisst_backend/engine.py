@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .config import MAX_LATENCY_MULTIPLIER, SAMPLE_RATE, DecodingConfig, EngineConfig, ModelConfig
-from .decoding import GreedyTurn, beam_step, greedy_step, make_turn_decoder
+from .decoding import GreedyTurn, PartialStepError, beam_step, greedy_step, make_turn_decoder
 from .detokenizer import IncrementalDetokenizer
 from .errors import CapacityError, EngineError, InvalidArgument, UnknownStream
 from .events import Event, RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
@@ -394,7 +394,9 @@ class Engine:
             logits = logits[torch.tensor(rows, device=logits.device)]
         try:
             return step_fn([streams[i].turn.decoder for i in index], logits)
-        except Exception:  # find the culprit: step each stream alone so only it fails
+        except PartialStepError as e:  # the turns that stepped keep their steps; each failed one fails its stream
+            return [step if step is not None else _FailedStep(e.failures[j]) for j, step in enumerate(e.steps)]
+        except Exception:  # nothing stepped: step each stream alone to find the culprit, so only it fails
             logger.exception("batched decoding step failed; stepping streams one by one")
             starts = itertools.accumulate((offsets[i + 1] - offsets[i] for i in index), initial=0)
             return [_LazyStep(streams[i], logits[o : o + offsets[i + 1] - offsets[i]]) for i, o in zip(index, starts)]
@@ -412,7 +414,7 @@ class Engine:
         """Apply a decoding step to the stream: snapshots, streamed text, turn end or the next rows."""
         if self.fault_hook is not None:
             self.fault_hook(stream.id)
-        if isinstance(step, _LazyStep):
+        if isinstance(step, _LazyStep | _FailedStep):
             step = step.resolve()
         turn = stream.turn
         for row in step.snapshots:
@@ -560,6 +562,16 @@ class _LazyStep:
 
     def resolve(self):
         return self.stream.turn.decoder.step(self.logits)
+
+
+class _FailedStep:
+    """The step of a turn that failed inside a batched step: applying it raises the turn's own error."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def resolve(self):
+        raise self.error
 
 
 def _release_turn(turn: Turn) -> None:

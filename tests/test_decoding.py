@@ -33,6 +33,7 @@ from infinisst_backend.config import DecodingConfig  # noqa: E402
 from infinisst_backend.decoding import (  # noqa: E402
     BeamTurn,
     GreedyTurn,
+    PartialStepError,
     TurnProcessors,
     TurnResult,
     _Finished,
@@ -456,3 +457,29 @@ def test_beam_step_over_many_streams_equals_each_alone():
     assert any(t.result().cache_snapshot is not None for t in batched)  # some turn ended on an EOS hypothesis
     with pytest.raises(ValueError, match="shape"):
         beam_step(turns()[:2], torch.zeros(3, VOCAB))
+
+
+def test_a_turn_failing_in_a_batched_step_fails_alone(monkeypatch):
+    """A turn that fails while the batch's turns walk their candidates does not stop the others: PartialStepError
+    carries the others' steps (what each chooses alone) and the failure; a single turn's failure is raised as is."""
+    cfgs = [DecodingConfig(beam_size=2, repetition_penalty=p) for p in (1.2, 1.31, 1.5)]
+    prompts = [_prompt(80 + i, 8) for i in range(3)]
+    real = BeamTurn._select
+
+    def select(self, *args):
+        if self.processors.penalty == 1.31:
+            raise RuntimeError("injected")
+        return real(self, *args)
+
+    def turns():
+        return [make_turn_decoder(c, p, [], 6, EOS) for c, p in zip(cfgs, prompts)]
+
+    logits = torch.randn(3, VOCAB, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    alone = [t.step(logits[i : i + 1]) for i, t in enumerate(turns())]
+    monkeypatch.setattr(BeamTurn, "_select", select)
+    with pytest.raises(PartialStepError) as caught:
+        beam_step(turns(), logits)
+    assert caught.value.steps[0] == alone[0] and caught.value.steps[2] == alone[2]
+    assert caught.value.steps[1] is None and str(caught.value.failures[1]) == "injected"
+    with pytest.raises(RuntimeError, match="injected"):
+        turns()[1].step(logits[1:2])

@@ -444,19 +444,22 @@ def test_a_step_decodes_its_greedy_and_its_beam_streams_in_two_batches(bundle, m
         assert got["turns"] == alone["turns"] and got["text"] == alone["text"] and not got["errors"], i
 
 
-def test_a_failing_beam_step_fails_only_its_stream(bundle, monkeypatch):
-    """When the batched beam step raises, the engine steps each beam stream alone: only the stream whose decoder
-    fails ends with an error, and the other beam stream still writes what it writes alone."""
+@pytest.mark.parametrize("where", ["_current", "_select"])
+def test_a_failing_beam_step_fails_only_its_stream(bundle, monkeypatch, where):
+    """One beam stream's decoder fails inside the batched beam step: before any turn stepped (``_current``: the
+    engine then steps each stream alone) or while the turns walk their candidates (``_select``: the turns that
+    stepped keep their steps and are not stepped twice). Only that stream ends with an error; the other beam stream
+    still writes what it writes alone."""
     from infinisst_backend.decoding import BeamTurn
 
-    real = BeamTurn._current
+    real = getattr(BeamTurn, where)
 
-    def current(self):
+    def failing(self, *args):
         if self.processors.penalty == 1.31:
             raise RuntimeError("injected beam fault")
-        return real(self)
+        return real(self, *args)
 
-    monkeypatch.setattr(BeamTurn, "_current", current)
+    monkeypatch.setattr(BeamTurn, where, failing)
     rng = np.random.default_rng(13)
     decodings = {"doomed": DecodingConfig(beam_size=2, repetition_penalty=1.31), "ok": DecodingConfig(beam_size=2)}
     audio = {sid: random_audio(rng, 1.92) for sid in decodings}
