@@ -35,6 +35,7 @@ import json
 import math
 import platform
 import pstats
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -509,6 +510,15 @@ def _fraction(a: int | None, b: int) -> str:
     return f"{a / b:.2f}" if a is not None and b else "-"
 
 
+def _lower_bound(setting: dict, scheduling: str) -> bool:
+    """Whether a sweep's N* is only a lower bound: it passed, nothing above it failed, and it is below the memory
+    limit (at the limit no larger N can be admitted, so N* is exact)."""
+    sweep = setting["sweeps"][scheduling]
+    n = sweep.get("n_star")
+    limit = sweep.get("memory_limit", setting["memory_limit_streams"])
+    return bool(n) and sweep.get("first_fail") is None and n < limit
+
+
 def _f(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -836,12 +846,21 @@ def write_report(report: dict, out: Path) -> None:
     ]
     for name, s in report["settings"].items():
         ratio = lambda a, b: f"{a / b:.1f}" if a is not None and b else "-"  # noqa: E731
+        low_it, low_st = (_lower_bound(s, sched) for sched in ("iteration", "static"))
+        bound = {(False, True): "≤", (True, False): "≥", (True, True): "?"}.get((low_it, low_st), "")
+        x_static, x_naive = ratio(s["n_star"], s["static_n_star"]), ratio(s["n_star"], s["naive_n_star"])
         lines.append(
-            f"| {name} | {s['n_star']} | {s['static_n_star']} | {s['naive_n_star']} | "
-            f"{ratio(s['n_star'], s['static_n_star'])} | {ratio(s['n_star'], s['naive_n_star'])} | "
+            f"| {name} | {'≥' * low_it}{s['n_star']} | {'≥' * low_st}{s['static_n_star']} | {s['naive_n_star']} | "
+            f"{bound}{x_static} | {'≥' * low_it}{x_naive} | "
             f"{s['p95_chunk_latency_s'] if s['p95_chunk_latency_s'] is not None else '-'} | "
             f"{s['memory_limit_streams']} | {_fraction(s['n_star'], s['memory_limit_streams'])} |"
         )
+    if any(_lower_bound(s, sched) for s in report["settings"].values() for sched in ("iteration", "static")):
+        lines += [
+            "",
+            "≥: no trial above this N failed and it is below the memory limit, so the sweep did not bracket N\\* (its "
+            "budget ran out): a lower bound, and the ratios it enters are bounds too.",
+        ]
     if report["options"].get("confirm"):
         confirmed = [name for name, s in report["settings"].items() if s.get("n_star_confirmed")]
         lines += [
@@ -901,8 +920,19 @@ def write_report(report: dict, out: Path) -> None:
                 f"| {name} | {n['rows']} | {n['prompt_tokens']} | {n['decode_steps']} | {n['llm_turn_ms']:.1f} | "
                 f"{n['encoder_ms']:.1f} | {n['turn_ms']:.1f} | {n['naive_n_star']} |"
             )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    md = out.with_suffix(".md")
+    md.write_text("\n".join(lines) + "\n" + _hand_written(md))
     _plot(report, out.with_suffix(".png"))
+
+
+def _hand_written(md: Path) -> str:
+    """The sections of an existing report from its first "## ... (written by hand ..." heading on, kept when the
+    report is written again (a re-run or ``--combine`` over the same path); empty when there are none."""
+    if not md.exists():
+        return ""
+    text = md.read_text()
+    match = re.search(r"^## [^\n]*\(written by hand", text, flags=re.MULTILINE)
+    return "\n" + text[match.start() :] if match else ""
 
 
 def _plot(report: dict, path: Path) -> None:

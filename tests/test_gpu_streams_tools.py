@@ -68,7 +68,7 @@ def test_combine_joins_runs_of_different_settings(tmp_path):
     assert report["parts"] == runs[0]["parts"]  # the run with the most batch sizes
     assert report["command"] == f"{runs[0]['command']} ; {runs[1]['command']}"
     table = out.with_suffix(".md").read_text()
-    assert "| greedy_m1 | 242 | 60 | 7 |" in table and "| beam4_m2 | 90 | 40 | 8 |" in table
+    assert "| greedy_m1 | 242 | ≥60 | 7 |" in table and "| beam4_m2 | 90 | ≥40 | 8 |" in table  # static: one pass
     assert "| greedy_m2 | iteration | 290 | | | | | | no (out of GPU memory) |" in table
     with pytest.raises(ValueError, match="more than one run"):
         gpu_streams.combine_runs([str(m1), str(m1)], tmp_path / "twice")
@@ -120,3 +120,18 @@ def test_profile_host_profiles_the_first_trial_and_repeats_it(monkeypatch, tmp_p
     profile = (tmp_path / "run.host_profile_beam4_m2_100.txt").read_text()
     assert "beam4_m2 trial at N=100" in profile and "busy_host_work" in profile
     assert "(profiled: not counted)" == gpu_streams._verdict(first)
+
+
+def test_a_report_written_again_keeps_its_hand_written_sections_and_marks_lower_bounds(tmp_path):
+    """Writing a report over an existing one keeps everything from its first "(written by hand" section on; an N*
+    that no failing trial bracketed (below the memory limit) is shown as a lower bound, its ratios as bounds."""
+    m1 = RUNS / "gpu_streams_m1_634b10b.json"  # iteration 303 = the memory limit (exact); static 60, never failed
+    out = tmp_path / "report"
+    out.with_suffix(".md").write_text("# old table\n\n## Notes (written by hand, today)\n\nkeep me\n")
+    gpu_streams.combine_runs([str(m1)], out)
+    text = out.with_suffix(".md").read_text()
+    assert "# old table" not in text and text.endswith("## Notes (written by hand, today)\n\nkeep me\n")
+    assert "| greedy_m1 | 303 | ≥60 | 5 | ≤5.0 | 60.6 |" in text
+    gpu_streams.combine_runs([str(RUNS / "gpu_streams_beam4_634b10b.json")], out)  # 68 with a fail at 75: exact
+    assert "| beam4_m2 | 68 | ≥40 | 4 | ≤1.7 | 17.0 |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".md").read_text().count("keep me") == 1
