@@ -238,7 +238,7 @@ class GreedyTurn(TurnDecoder):
         return self._done
 
     def step(self, logits: Tensor) -> DecodeStep:
-        return greedy_step([self], logits)[0]
+        return _step_one(greedy_step, self, logits)
 
     def result(self) -> TurnResult:
         if not self._done:
@@ -285,8 +285,8 @@ class PartialStepError(Exception):
 
 
 def _step_each(turns: Sequence[TurnDecoder], step) -> list[DecodeStep]:
-    """``step(i, turns[i])`` for every turn, each on its own: one turn's failure does not stop the others. A single
-    turn's failure is raised as it is; in a batch, :class:`PartialStepError` carries every outcome."""
+    """``step(i, turns[i])`` for every turn, each on its own: one turn's failure does not stop the others, and
+    :class:`PartialStepError` carries every outcome."""
     steps: list[DecodeStep | None] = []
     failures: dict[int, Exception] = {}
     for i, turn in enumerate(turns):
@@ -296,10 +296,16 @@ def _step_each(turns: Sequence[TurnDecoder], step) -> list[DecodeStep]:
             steps.append(None)
             failures[i] = e
     if failures:
-        if len(turns) == 1:
-            raise failures[0]
         raise PartialStepError(steps, failures)
     return steps  # type: ignore[return-value]
+
+
+def _step_one(step_fn, turn: TurnDecoder, logits: Tensor) -> DecodeStep:
+    """``step_fn`` (greedy_step or beam_step) for one turn alone; its failure is raised as it is."""
+    try:
+        return step_fn([turn], logits)[0]
+    except PartialStepError as e:
+        raise e.failures[0] from None
 
 
 @dataclass(slots=True)
@@ -335,7 +341,7 @@ class BeamTurn(TurnDecoder):
         return self._result
 
     def step(self, logits: Tensor) -> DecodeStep:
-        return beam_step([self], logits)[0]
+        return _step_one(beam_step, self, logits)
 
     def _current(self) -> tuple[list[_Hypothesis], list[int], list[float]]:
         """This step's beams: each one's hypothesis, its row among the turn's logits rows, its cumulative score.
