@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from infinisst_backend.checkpoint import dtype_name
 from infinisst_backend.config import EMBEDDINGS_PER_UNIT, SAMPLES_PER_UNIT, DecodingConfig, EngineConfig
 from infinisst_backend.engine import Engine
 from infinisst_backend.events import StreamError, TurnEnded
@@ -258,7 +259,7 @@ def teacher_forced(
     prompts = PromptBuilder(tokenizer, model_cfg.prompt)
     system_len = prompts.first_turn("German", 1).system_len
     pages = target.pages(4096, streams, 1, system_len)
-    ref = ModelRunner(ref_model, target.config("torch", pages, dtype=target.reference_dtype or target.dtype), pages)
+    ref = ModelRunner(ref_model, target.config("torch", pages, dtype=dtype_name(ref_model.dtype)), pages)
     fi = ModelRunner(model, target.config(target.candidate, pages), pages)
     solo_pages = target.pages(2048, max(1, solo), 1, system_len)
     alone = ModelRunner(model, target.config("torch", solo_pages), solo_pages)
@@ -341,7 +342,7 @@ def run_engine(
     """Streams of noise through an engine on the caller's thread; the turn ids per stream and the leak check."""
     system_len = PromptBuilder(tokenizer, model_cfg.prompt).first_turn("German", 1).system_len
     pages = target.pages(8192, streams, beam, system_len)
-    engine = Engine(model, tokenizer, model_cfg, target.config(backend, pages, dtype=_dtype_name(model.dtype)))
+    engine = Engine(model, tokenizer, model_cfg, target.config(backend, pages, dtype=dtype_name(model.dtype)))
     rng = np.random.default_rng(seed)
     for i in range(streams):
         engine.open_stream(i, "German", 1, DecodingConfig(beam_size=beam))
@@ -399,10 +400,6 @@ def free_running(
         # The reference engine's first turns of stream 0, as text (what the real LLM writes for speech rows).
         "sample_turns": [tokenizer.decode(t) for t in ref["turns"].get(0, [])[:SAMPLE_TURNS]],
     }
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 def default_out(llm: str, smoke: bool) -> str:

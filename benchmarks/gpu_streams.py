@@ -998,7 +998,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile-host",
         action="store_true",
-        help="run the first trial under cProfile and write <out>.host_profile_<setting>_<N>.txt (that trial fails)",
+        help="run the first trial under cProfile and write <out>.host_profile_<setting>_<N>.txt (that trial is not "
+        "counted: the same N runs again)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the harness, no figures")
     parser.add_argument("--merge", nargs="+", metavar="RUN_JSON", help="pool earlier runs' trials (no GPU needed)")

@@ -48,13 +48,13 @@ def save_checkpoint(path, model: InfiniSSTModel, cfg: ModelConfig, tokenizer, dt
     lacks the prompt's tokens.
     """
     path = Path(path)
-    dtype_name = _dtype_name(cfg.dtype if dtype is None else dtype)
-    cfg = ModelConfig.from_dict({**cfg.to_dict(), "dtype": dtype_name})  # a validated copy
+    saved_dtype = dtype_name(cfg.dtype if dtype is None else dtype)
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), "dtype": saved_dtype})  # a validated copy
     if model.cfg.llm != cfg.llm or model.cfg.speech_encoder != cfg.speech_encoder:
         raise ValueError("cfg.llm / cfg.speech_encoder differ from the configuration the model was built with")
     check_tokenizer(tokenizer, cfg)
 
-    torch_dtype = getattr(torch, dtype_name)
+    torch_dtype = getattr(torch, saved_dtype)
     tensors = {
         name: (t.detach().to("cpu", torch_dtype) if t.is_floating_point() else t.detach().cpu()).contiguous()
         for name, t in model.checkpoint_state_dict().items()
@@ -68,7 +68,7 @@ def save_checkpoint(path, model: InfiniSSTModel, cfg: ModelConfig, tokenizer, dt
     config = {**cfg.to_dict(), "format": FORMAT, "format_version": FORMAT_VERSION}
     with _atomic_path(path / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
-    logger.info("saved checkpoint %s (%d tensors, %s)", path, len(tensors), dtype_name)
+    logger.info("saved checkpoint %s (%d tensors, %s)", path, len(tensors), saved_dtype)
     return path
 
 
@@ -86,7 +86,7 @@ def load_checkpoint(path, device="cpu", dtype=None) -> tuple[InfiniSSTModel, obj
         if not (path / name).is_file():
             raise ValueError(f"checkpoint {path} is missing {name}")
     cfg = read_config(path)
-    torch_dtype = getattr(torch, _dtype_name(cfg.dtype if dtype is None else dtype))
+    torch_dtype = getattr(torch, dtype_name(cfg.dtype if dtype is None else dtype))
     tokenizer = load_tokenizer(path)
     check_tokenizer(tokenizer, cfg, where=str(path))
 
@@ -200,7 +200,8 @@ def _atomic_path(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _dtype_name(dtype) -> str:
+def dtype_name(dtype) -> str:
+    """The config name of a torch dtype or dtype name ("bfloat16" for torch.bfloat16); an unsupported one raises."""
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPES:
         raise ValueError(f"invalid dtype={dtype!r}: expected one of {DTYPES}")
