@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infinisst_backend.attention import AttentionBatch, TorchAttention  # noqa: E402
 from infinisst_backend.config import EngineConfig  # noqa: E402
-from infinisst_backend.kv_cache import PagedKVCache  # noqa: E402
+from infinisst_backend.kernels.attention import AttentionBatch, TorchAttention  # noqa: E402
+from infinisst_backend.model.kv_cache import PagedKVCache  # noqa: E402
 
 PAGE = 16
 BATCHES = {
@@ -35,7 +35,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def errors(qo_lens, ctx_lens, heads: int, kv_heads: int, dim: int, sharp: float, seed: int = 0):
-    from infinisst_backend.flashinfer_attention import FlashInferAttention
+    from infinisst_backend.kernels.flashinfer_attention import FlashInferAttention
 
     gen = torch.Generator().manual_seed(seed)
     num_pages = 512

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from infinisst_backend.config import SAMPLE_RATE, SAMPLES_PER_UNIT, DecodingConfig, EngineConfig
-from infinisst_backend.engine import Engine
-from infinisst_backend.events import StreamFinished, TurnEnded
+from infinisst_backend.engine.engine import Engine
+from infinisst_backend.engine.events import StreamFinished, TurnEnded
 
 
 def run_trial(engine: Engine, n: int, seconds: float, m: int, beam: int, seed: int) -> dict:

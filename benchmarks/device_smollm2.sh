@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 py=${PYTHON:-.venv/bin/python}
-gguf=$("$py" -c 'from infinisst_backend.tokenizers_util import smollm2_gguf_path; print(smollm2_gguf_path())')
+gguf=$("$py" -c 'from infinisst_backend.text.tokenizers import smollm2_gguf_path; print(smollm2_gguf_path())')
 name=$(basename "$gguf")
 mkdir -p build/smollm2-a build/smollm2-b build/devwhl
 head -c 60000000 "$gguf" > build/smollm2-a/part0

@@ -58,14 +58,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infinisst_backend.checkpoint import dtype_name
 from infinisst_backend.config import EMBEDDINGS_PER_UNIT, SAMPLES_PER_UNIT, DecodingConfig, EngineConfig
-from infinisst_backend.engine import Engine
-from infinisst_backend.events import StreamError, TurnEnded
-from infinisst_backend.model_runner import DTYPES, ModelRunner
-from infinisst_backend.prompt import PromptBuilder
-from infinisst_backend.scheduler import worst_case_pages
-from infinisst_backend.stream import eviction_cut
+from infinisst_backend.engine.engine import Engine
+from infinisst_backend.engine.events import StreamError, TurnEnded
+from infinisst_backend.engine.scheduler import worst_case_pages
+from infinisst_backend.engine.stream import eviction_cut
+from infinisst_backend.model.checkpoint import dtype_name
+from infinisst_backend.runtime.model_runner import DTYPES, ModelRunner
+from infinisst_backend.text.prompt import PromptBuilder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_streams import (  # noqa: E402  (a sibling script, not a package)

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import infinisst_backend.engine as engine_module
+import infinisst_backend.engine.engine as engine_module
 from infinisst_backend.config import (
     EMBEDDINGS_PER_UNIT,
     SAMPLE_RATE,
@@ -56,13 +56,13 @@ from infinisst_backend.config import (
     ModelConfig,
     SpeechEncoderConfig,
 )
-from infinisst_backend.engine import Engine
-from infinisst_backend.events import StreamError, StreamFinished, TextDelta, TurnEnded
-from infinisst_backend.forced_turns import TOKENS_PER_UNIT_MEAN, TurnLengths
-from infinisst_backend.model import InfiniSSTModel
-from infinisst_backend.model_runner import ModelRunner
-from infinisst_backend.prompt import PromptBuilder
-from infinisst_backend.scheduler import worst_case_pages
+from infinisst_backend.engine.engine import Engine
+from infinisst_backend.engine.events import StreamError, StreamFinished, TextDelta, TurnEnded
+from infinisst_backend.engine.forced_turns import TOKENS_PER_UNIT_MEAN, TurnLengths
+from infinisst_backend.engine.scheduler import worst_case_pages
+from infinisst_backend.model.infinisst import InfiniSSTModel
+from infinisst_backend.runtime.model_runner import ModelRunner
+from infinisst_backend.text.prompt import PromptBuilder
 
 P95_LIMIT_S = 0.5
 P99_LIMIT_S = 1.0

@@ -72,7 +72,7 @@ def ensure_checkpoint(path: Path, layers: int) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from gpu_streams import build_dummy_model, paper_model_config, synthetic_llama3_tokenizer
 
-    from infinisst_backend.checkpoint import save_checkpoint
+    from infinisst_backend.model.checkpoint import save_checkpoint
 
     t = time.perf_counter()
     cfg = paper_model_config(layers)

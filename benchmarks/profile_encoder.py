@@ -7,7 +7,7 @@ prints the CUDA kernels that take the time (torch.profiler), grouped by name:
     python benchmarks/profile_encoder.py --batch 1,8,32 --m 1 --graphs [--modes reference,kv,kernel] [--graph-kernels]
 
 ``--modes`` times several ways of computing the attention on the same streams, one after the other: ``kernel``
-(the default: :func:`infinisst_backend.window_kernel.window_attention` computes each layer's whole chunk attention
+(the default: :func:`kernels.window_kernel.window_attention` computes each layer's whole chunk attention
 in one kernel; serving uses it in the encoder's CUDA graphs only, this script in the eager passes too), ``kv``
 (``speech_encoder.WINDOW_ATTENTION`` off: the window kernel builds each layer's keys and values, the reference ops
 do the rest), ``reference`` (``speech_encoder.WINDOW_KERNEL`` off: gather, concatenation and RoPE as separate ops),
@@ -34,10 +34,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from profile_llm import kernel_profile, print_profile  # noqa: E402
 
-from infinisst_backend import speech_encoder  # noqa: E402
 from infinisst_backend.config import SpeechEncoderConfig  # noqa: E402
-from infinisst_backend.encoder_graphs import EncoderGraphs  # noqa: E402
-from infinisst_backend.speech_encoder import SAMPLES_PER_UNIT, SpeechFrontend  # noqa: E402
+from infinisst_backend.model import speech_encoder  # noqa: E402
+from infinisst_backend.model.speech_encoder import SAMPLES_PER_UNIT, SpeechFrontend  # noqa: E402
+from infinisst_backend.runtime.encoder_graphs import EncoderGraphs  # noqa: E402
 
 LLM_HIDDEN = 4096  # Llama-3.1-8B
 

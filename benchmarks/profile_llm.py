@@ -9,7 +9,7 @@ one step grouped by name and by kind (GEMM, attention, elementwise, ...), in mic
     python benchmarks/profile_llm.py --batch 1,32,64,128,256 --variants reference,fused --out DIR
 
 Variants: ``reference`` (the graphs capture the torch ops, ``EngineConfig.fused_kernels=False``), ``fused`` (the
-default: :mod:`infinisst_backend.llm_kernels`' fused RMSNorm, RoPE + K/V write and SwiGLU) and
+default: :mod:`infinisst_backend.kernels.llm_kernels`' fused RMSNorm, RoPE + K/V write and SwiGLU) and
 ``fused+tensor_cores`` (also ``decode_tensor_cores``: decode through FlashInfer's tensor-core prefill kernels). Every
 variant sees the same weights and cache contents, so the script also prints how far each variant's decode logits are
 from the first variant's.
@@ -45,7 +45,7 @@ from gpu_streams import (  # noqa: E402
 )
 
 from infinisst_backend.config import EMBEDDINGS_PER_UNIT, EngineConfig  # noqa: E402
-from infinisst_backend.model_runner import ModelRunner  # noqa: E402
+from infinisst_backend.runtime.model_runner import ModelRunner  # noqa: E402
 
 # EngineConfig overrides of each variant (graphs on in all)
 VARIANTS = {

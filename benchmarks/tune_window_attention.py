@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infinisst_backend import window_kernel  # noqa: E402
-from infinisst_backend.speech_encoder import InterleavedRotary  # noqa: E402
+from infinisst_backend.kernels import window_kernel  # noqa: E402
+from infinisst_backend.model.speech_encoder import InterleavedRotary  # noqa: E402
 
 S, T, C, H, D = 32, 48, 576, 16, 64
 

@@ -250,7 +250,7 @@ class EngineConfig:
     # CUDA-core decode kernel; faster when each KV head serves several query heads (GQA), the same math.
     decode_tensor_cores: bool = False
     # GPU with CUDA graphs: the captured steps run each layer's RMSNorm (with the residual add), RoPE with the K/V
-    # write, and SwiGLU as fused Triton kernels (infinisst_backend.llm_kernels) instead of ~44 small torch kernels.
+    # write, and SwiGLU as fused Triton kernels (kernels.llm_kernels) instead of ~44 small torch kernels.
     fused_kernels: bool = True
     # A stream's first turn shares the KV pages of the system prompt with a live stream that has the same system
     # prompt (the same token ids at the same positions: the same keys and values) and prefills only the rest of its

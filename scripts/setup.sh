@@ -102,18 +102,18 @@ build_demo_checkpoint() {
   # The demo builder skips an up-to-date checkpoint itself (it checks its recipe version); the stamp only saves
   # starting Python when none of the files that define the checkpoint changed.
   local ckpt="$build/demo_checkpoint" hash
-  if [ ! -f infinisst_backend/demo.py ]; then
-    log "WARNING: infinisst_backend/demo.py is missing; no demo checkpoint built"
+  if [ ! -f infinisst_backend/model/demo.py ]; then
+    log "WARNING: infinisst_backend/model/demo.py is missing; no demo checkpoint built"
     return
   fi
-  hash=$(hash_files infinisst_backend/demo.py infinisst_backend/checkpoint.py infinisst_backend/config.py \
+  hash=$(hash_files infinisst_backend/model/demo.py infinisst_backend/model/checkpoint.py infinisst_backend/config.py \
     requirements-nodeps.txt)
   if [ -f "$build/demo-checkpoint.stamp" ] && [ "$(cat "$build/demo-checkpoint.stamp")" = "$hash" ] \
     && [ -f "$ckpt/config.json" ] && [ "${SETUP_FORCE:-0}" != 1 ]; then
     return
   fi
   log "building the demo checkpoint in $ckpt"
-  HF_HUB_OFFLINE=1 "$venv/bin/python" -m infinisst_backend.demo "$ckpt"
+  HF_HUB_OFFLINE=1 "$venv/bin/python" -m infinisst_backend.model.demo "$ckpt"
   echo "$hash" > "$build/demo-checkpoint.stamp"
 }
 

@@ -16,11 +16,11 @@ from infinisst_backend.config import (
     PromptConfig,
     SpeechEncoderConfig,
 )
-from infinisst_backend.demo import CHATML_SYSTEM_TEXT
-from infinisst_backend.engine import Engine
-from infinisst_backend.events import RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
-from infinisst_backend.model import InfiniSSTModel
-from infinisst_backend.tokenizers_util import add_infinisst_tokens, smollm2_tokenizer
+from infinisst_backend.engine.engine import Engine
+from infinisst_backend.engine.events import RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
+from infinisst_backend.model.demo import CHATML_SYSTEM_TEXT
+from infinisst_backend.model.infinisst import InfiniSSTModel
+from infinisst_backend.text.tokenizers import add_infinisst_tokens, smollm2_tokenizer
 
 CHATML_PROMPT = dict(
     template="chatml",

@@ -10,9 +10,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from infinisst_backend import demo  # noqa: E402
-from infinisst_backend.attention import AttentionBatch, TorchAttention  # noqa: E402
-from infinisst_backend.checkpoint import (  # noqa: E402
+from infinisst_backend.config import ModelConfig  # noqa: E402
+from infinisst_backend.kernels.attention import AttentionBatch, TorchAttention  # noqa: E402
+from infinisst_backend.model import demo  # noqa: E402
+from infinisst_backend.model.checkpoint import (  # noqa: E402
     CONFIG_FILE,
     WEIGHTS_FILE,
     load_checkpoint,
@@ -20,11 +21,10 @@ from infinisst_backend.checkpoint import (  # noqa: E402
     read_config,
     save_checkpoint,
 )
-from infinisst_backend.config import ModelConfig  # noqa: E402
-from infinisst_backend.kv_cache import PagedKVCache  # noqa: E402
-from infinisst_backend.model import InfiniSSTModel  # noqa: E402
-from infinisst_backend.prompt import PromptBuilder  # noqa: E402
-from infinisst_backend.tokenizers_util import add_infinisst_tokens, smollm2_tokenizer  # noqa: E402
+from infinisst_backend.model.infinisst import InfiniSSTModel  # noqa: E402
+from infinisst_backend.model.kv_cache import PagedKVCache  # noqa: E402
+from infinisst_backend.text.prompt import PromptBuilder  # noqa: E402
+from infinisst_backend.text.tokenizers import add_infinisst_tokens, smollm2_tokenizer  # noqa: E402
 
 from .support import tiny_model_config  # noqa: E402
 

@@ -24,14 +24,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from infinisst_backend import convert as conv  # noqa: E402
-from infinisst_backend.attention import AttentionBatch, TorchAttention  # noqa: E402
-from infinisst_backend.checkpoint import load_checkpoint  # noqa: E402
 from infinisst_backend.config import LLMConfig, SpeechEncoderConfig  # noqa: E402
-from infinisst_backend.kv_cache import PagedKVCache  # noqa: E402
-from infinisst_backend.prompt import PromptBuilder  # noqa: E402
-from infinisst_backend.speech_encoder import SpeechFrontend  # noqa: E402
-from infinisst_backend.tokenizers_util import CHATML_SPECIAL_TOKENS, LLAMA3_SPECIAL_TOKENS, smollm2_tokenizer  # noqa: E402
+from infinisst_backend.kernels.attention import AttentionBatch, TorchAttention  # noqa: E402
+from infinisst_backend.model import convert as conv  # noqa: E402
+from infinisst_backend.model.checkpoint import load_checkpoint  # noqa: E402
+from infinisst_backend.model.kv_cache import PagedKVCache  # noqa: E402
+from infinisst_backend.model.speech_encoder import SpeechFrontend  # noqa: E402
+from infinisst_backend.text.prompt import PromptBuilder  # noqa: E402
+from infinisst_backend.text.tokenizers import CHATML_SPECIAL_TOKENS, LLAMA3_SPECIAL_TOKENS, smollm2_tokenizer  # noqa: E402
 
 F32, BF16 = torch.float32, torch.bfloat16
 CONV = [(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16, 2, 2)] * 2

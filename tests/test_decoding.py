@@ -30,7 +30,7 @@ from transformers.generation.logits_process import (  # noqa: E402
 )
 
 from infinisst_backend.config import DecodingConfig  # noqa: E402
-from infinisst_backend.decoding import (  # noqa: E402
+from infinisst_backend.text.decoding import (  # noqa: E402
     BeamTurn,
     GreedyTurn,
     PartialStepError,

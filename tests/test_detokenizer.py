@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from infinisst_backend.detokenizer import IncrementalDetokenizer  # noqa: E402
+from infinisst_backend.text.detokenizer import IncrementalDetokenizer  # noqa: E402
 
 ALPHABET = list("abcdefgh xyz.,!?") + list("éüßñçà") + list("中文字翻译") + ["😀", "👍", "🎉"] + [" ", " ", "\n"]
 SPECIALS = ["<eos>", "<sp_patch>"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from infinisst_backend.config import SAMPLES_PER_UNIT, DecodingConfig
+from infinisst_backend.engine.scheduler import DECODE, PREFILL, worst_case_pages
 from infinisst_backend.errors import CapacityError, InvalidArgument, UnknownStream
-from infinisst_backend.kv_cache import OutOfPages
-from infinisst_backend.scheduler import DECODE, PREFILL, worst_case_pages
+from infinisst_backend.model.kv_cache import OutOfPages
 
 from .support import build_tiny_model, collect, make_engine, random_audio, run_alone, split_randomly
 
@@ -414,7 +414,7 @@ def test_a_step_decodes_its_greedy_and_its_beam_streams_in_two_batches(bundle, m
     """After a prefill, the greedy streams' first tokens come from one batched greedy_step and the beam streams'
     (widths 2 and 3) from one batched beam_step, one device-to-host transfer each; later decode steps batch the
     beams too; every stream's output is what it gets alone."""
-    import infinisst_backend.engine as engine_module
+    import infinisst_backend.engine.engine as engine_module
 
     rng = np.random.default_rng(12)
     beam2, beam3 = DecodingConfig(beam_size=2), DecodingConfig(beam_size=3)
@@ -450,7 +450,7 @@ def test_a_failing_beam_step_fails_only_its_stream(bundle, monkeypatch, where):
     engine then steps each stream alone) or while the turns walk their candidates (``_select``: the turns that
     stepped keep their steps and are not stepped twice). Only that stream ends with an error; the other beam stream
     still writes what it writes alone."""
-    from infinisst_backend.decoding import BeamTurn
+    from infinisst_backend.text.decoding import BeamTurn
 
     real = getattr(BeamTurn, where)
 

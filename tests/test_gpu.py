@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from infinisst_backend.attention import AttentionBatch, TorchAttention
 from infinisst_backend.config import (
     SAMPLES_PER_UNIT,
     DecodingConfig,
@@ -21,7 +20,8 @@ from infinisst_backend.config import (
     PromptConfig,
     SpeechEncoderConfig,
 )
-from infinisst_backend.kv_cache import PagedKVCache
+from infinisst_backend.kernels.attention import AttentionBatch, TorchAttention
+from infinisst_backend.model.kv_cache import PagedKVCache
 
 pytestmark = [
     pytest.mark.gpu,
@@ -66,7 +66,7 @@ def _random_batch(gen: torch.Generator, qo_lens: list[int], ctx_lens: list[int],
 # head_dim 128 only: every other head size is one more FlashInfer kernel to compile (about a minute each).
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(8, 2, 128), (4, 4, 128)])
 def test_flashinfer_matches_torch_attention(qo_lens, ctx_lens, num_heads, num_kv_heads, head_dim):
-    from infinisst_backend.flashinfer_attention import FlashInferAttention
+    from infinisst_backend.kernels.flashinfer_attention import FlashInferAttention
 
     gen = torch.Generator().manual_seed(sum(qo_lens) + head_dim)
     num_pages = 256
@@ -102,7 +102,7 @@ def test_flashinfer_matches_torch_attention(qo_lens, ctx_lens, num_heads, num_kv
 
 
 def test_flashinfer_rejects_cpu():
-    from infinisst_backend.flashinfer_attention import FlashInferAttention
+    from infinisst_backend.kernels.flashinfer_attention import FlashInferAttention
 
     with pytest.raises(ValueError, match="CUDA"):
         FlashInferAttention(_cfg(device="cpu"))
@@ -128,7 +128,7 @@ def _tiny_tokenizer():
 
 
 def _tiny_model():
-    from infinisst_backend.model import InfiniSSTModel
+    from infinisst_backend.model.infinisst import InfiniSSTModel
 
     speech = SpeechEncoderConfig(
         conv_layers=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2,
@@ -170,7 +170,7 @@ def test_runner_flashinfer_matches_torch_with_eviction(kv_cache_dtype, tensor_co
     """Prefill, decode steps and a turn-aligned compaction through both backends; the same tokens are fed. With a
     float16 cache under the bf16 model, FlashInfer runs in float16 and returns bf16; with ``decode_tensor_cores``
     its decode steps run the tensor-core kernels."""
-    from infinisst_backend.model_runner import ModelRunner
+    from infinisst_backend.runtime.model_runner import ModelRunner
 
     model, _ = _tiny_model()
     ref = ModelRunner(model, _cfg(attention_backend="torch"), 512)
@@ -204,8 +204,8 @@ def test_runner_flashinfer_matches_torch_with_eviction(kv_cache_dtype, tensor_co
 
 
 def test_engine_flashinfer_greedy_and_beam_no_leak():
-    from infinisst_backend.engine import Engine
-    from infinisst_backend.events import StreamError, StreamFinished, TurnEnded
+    from infinisst_backend.engine.engine import Engine
+    from infinisst_backend.engine.events import StreamError, StreamFinished, TurnEnded
 
     model, cfg = _tiny_model()
     engine = Engine(model, _tiny_tokenizer(), cfg, _cfg(max_llm_cache_tokens=120, batch_timeout_s=0.0))
@@ -241,7 +241,7 @@ def test_engine_flashinfer_greedy_and_beam_no_leak():
 def test_cuda_graphs_match_eager(batch, kv_cache_dtype, tensor_cores):
     """Graph replays of prefills (equal prompt lengths) and decodes, padded up to a bucket (11 > max_batch_size
     runs eagerly), == the eager FlashInfer path; scratch pages sit outside the pool; nothing leaks."""
-    from infinisst_backend.model_runner import ModelRunner
+    from infinisst_backend.runtime.model_runner import ModelRunner
 
     model, _ = _tiny_model()
     opts = dict(max_batch_size=8, kv_cache_dtype=kv_cache_dtype, decode_tensor_cores=tensor_cores)
@@ -298,8 +298,8 @@ def test_encoder_cuda_graphs_match_eager():
     """Steady-state speech encoder calls replayed from CUDA graphs == the eager path in bf16: batches of 3 and 11
     streams padded up to buckets 4 and 16, two m (two replays) in one call, a stream out of block phase, host samples
     as the engine passes them. The real slots' pool rows match; no other slot (an idle stream's, free ones) changes."""
-    from infinisst_backend.encoder_graphs import EncoderGraphs
-    from infinisst_backend.speech_encoder import SpeechFrontend
+    from infinisst_backend.model.speech_encoder import SpeechFrontend
+    from infinisst_backend.runtime.encoder_graphs import EncoderGraphs
 
     cfg = _small_encoder_config(embed_dim=128, num_layers=3, num_heads=2)  # head_dim 64
     torch.manual_seed(0)
@@ -358,7 +358,7 @@ def test_encoder_cuda_graphs_match_eager():
 def _young_and_old_streams(frontend, chunks: list, ms: list[int], graphed: bool):
     """Six chunks of each stream, stream 2 starting two chunks late (its young windows batched with full ones), eagerly
     or through encoder graphs of ``ms``'s multipliers. Returns (embeddings, every stream's cache K/V stacked)."""
-    from infinisst_backend.encoder_graphs import EncoderGraphs
+    from infinisst_backend.runtime.encoder_graphs import EncoderGraphs
 
     pool = frontend.new_pool(4)
     graphs = EncoderGraphs(frontend, pool, max_batch=4, multipliers=sorted(set(ms))) if graphed else None
@@ -379,8 +379,9 @@ def test_window_kernel_is_bit_exact_in_bf16(monkeypatch, variant):
     graphs capture) gives the reference path's bits in bf16 on the GPU: embeddings and caches of a streaming run where
     a young stream shares batches with full windows, eagerly (forced) and through the encoder's CUDA graphs."""
     pytest.importorskip("triton")
-    from infinisst_backend import speech_encoder, window_kernel
-    from infinisst_backend.speech_encoder import SpeechFrontend
+    from infinisst_backend.kernels import window_kernel
+    from infinisst_backend.model import speech_encoder
+    from infinisst_backend.model.speech_encoder import SpeechFrontend
 
     monkeypatch.setattr(speech_encoder, "WINDOW_ATTENTION", False)  # the K/V kernel alone (the next test: both)
     cfg = _small_encoder_config(embed_dim=256, num_layers=2, num_heads=4, rope_variant=variant)  # head_dim 64
@@ -421,8 +422,9 @@ def test_window_attention_kernel_close_to_reference_in_bf16(monkeypatch, variant
     through the encoder's CUDA graphs, against the reference ops: a young stream batched with full windows, m=1 and
     m=2. Only the additions' order and the one-pass softmax differ, so outputs and caches stay within bf16 rounding."""
     pytest.importorskip("triton")
-    from infinisst_backend import speech_encoder, window_kernel
-    from infinisst_backend.speech_encoder import SpeechFrontend
+    from infinisst_backend.kernels import window_kernel
+    from infinisst_backend.model import speech_encoder
+    from infinisst_backend.model.speech_encoder import SpeechFrontend
 
     cfg = _small_encoder_config(embed_dim=256, num_layers=2, num_heads=4, rope_variant=variant)  # head_dim 64
     torch.manual_seed(0)
@@ -458,7 +460,7 @@ def test_runner_encodes_speech_through_graphs():
     """ModelRunner captures the encoder graphs on CUDA and encode_speech (numpy chunks) replays them for every full
     chunk, a stream's first one included (layer-norm CNN: its tail is the zero prefix); the embeddings match the
     eager path."""
-    from infinisst_backend.model_runner import ModelRunner
+    from infinisst_backend.runtime.model_runner import ModelRunner
 
     model, _ = _tiny_model()
     runner = ModelRunner(model, _cfg(attention_backend="torch", max_batch_size=4, max_streams=8), 64)
@@ -487,10 +489,10 @@ def test_llm_kernels_bitwise_on_gpu():
     torch ops; RMSNorm within one bf16 unit in rare elements (the sum's order)."""
     import torch.nn.functional as F
 
-    from infinisst_backend import llm_kernels
-    from infinisst_backend.attention import write_kv
-    from infinisst_backend.llm import RMSNorm
-    from infinisst_backend.rope import RotaryEmbedding, apply_rotary
+    from infinisst_backend.kernels import llm_kernels
+    from infinisst_backend.kernels.attention import write_kv
+    from infinisst_backend.model.llm import RMSNorm
+    from infinisst_backend.model.rope import RotaryEmbedding, apply_rotary
 
     assert llm_kernels.ready("cuda", torch.bfloat16)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -536,8 +538,8 @@ def test_llm_kernels_bitwise_on_gpu():
 def test_eviction_kernel_bitwise_on_gpu(drop):
     """compact_many through the in-place move kernel equals the gather/scatter path bit for bit in bf16, at Llama's
     head shape, for sequences of several lengths evicted together (the drop, the kept prefix and page offsets vary)."""
-    from infinisst_backend import llm_kernels
-    from infinisst_backend.rope import inv_freq
+    from infinisst_backend.kernels import llm_kernels
+    from infinisst_backend.model.rope import inv_freq
 
     assert llm_kernels.ready("cuda", torch.bfloat16)
     cfg = LLMConfig(head_dim=128, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, rope_theta=5e5)

@@ -9,8 +9,8 @@ import torch
 
 from infinisst_backend.config import LLMConfig
 from infinisst_backend.errors import CapacityError
-from infinisst_backend.kv_cache import OutOfPages, PagedKVCache, PagePool, SequenceKV
-from infinisst_backend.rope import RotaryEmbedding, apply_rotary, inv_freq, rerotate
+from infinisst_backend.model.kv_cache import OutOfPages, PagedKVCache, PagePool, SequenceKV
+from infinisst_backend.model.rope import RotaryEmbedding, apply_rotary, inv_freq, rerotate
 
 PAGE = 4
 LLAMA3 = {
@@ -449,7 +449,7 @@ def test_compact_many_out_of_pages_changes_nothing():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_rerotate_tokens_equals_rerotate_per_delta(dtype):
     """A delta per token gives bit for bit what rerotate (and its original form) gives for each delta."""
-    from infinisst_backend.rope import rerotate_tokens, rerotation_compute_dtype, rerotation_cos_sin
+    from infinisst_backend.model.rope import rerotate_tokens, rerotation_compute_dtype, rerotation_cos_sin
 
     for head_dim in (8, 128):
         freq = inv_freq(LLMConfig(head_dim=head_dim, rope_theta=500_000.0, rope_scaling=dict(LLAMA3)))

@@ -22,11 +22,11 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from infinisst_backend.attention import AttentionBatch, TorchAttention  # noqa: E402
 from infinisst_backend.config import LLMConfig  # noqa: E402
-from infinisst_backend.kv_cache import PagedKVCache, SequenceKV  # noqa: E402
-from infinisst_backend.llm import LLM  # noqa: E402
-from infinisst_backend.rope import RotaryEmbedding, inv_freq  # noqa: E402
+from infinisst_backend.kernels.attention import AttentionBatch, TorchAttention  # noqa: E402
+from infinisst_backend.model.kv_cache import PagedKVCache, SequenceKV  # noqa: E402
+from infinisst_backend.model.llm import LLM  # noqa: E402
+from infinisst_backend.model.rope import RotaryEmbedding, inv_freq  # noqa: E402
 
 apply_rotary_pos_emb = transformers.models.llama.modeling_llama.apply_rotary_pos_emb
 

@@ -1,4 +1,4 @@
-"""The LLM's fused kernels (:mod:`infinisst_backend.llm_kernels`), run by Triton's CPU interpreter.
+"""The LLM's fused kernels (:mod:`infinisst_backend.kernels.llm_kernels`), run by Triton's CPU interpreter.
 
 On a GPU the same kernels are compiled inside the decode/prefill CUDA graphs; ``tests/test_gpu.py`` checks them there
 in bf16. In float32 the interpreter computes what the GPU computes (no bf16 rounding involved), so RoPE, the K/V
@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infinisst_backend import llm_kernels
-from infinisst_backend.attention import AttentionBatch, TorchAttention, write_kv
 from infinisst_backend.config import LLMConfig
-from infinisst_backend.kv_cache import PagedKVCache
-from infinisst_backend.llm import LLM, RMSNorm
-from infinisst_backend.rope import RotaryEmbedding, apply_rotary, inv_freq
+from infinisst_backend.kernels import llm_kernels
+from infinisst_backend.kernels.attention import AttentionBatch, TorchAttention, write_kv
+from infinisst_backend.model.kv_cache import PagedKVCache
+from infinisst_backend.model.llm import LLM, RMSNorm
+from infinisst_backend.model.rope import RotaryEmbedding, apply_rotary, inv_freq
 from tests.test_kv_cache import LLAMA3, _reference_compact, _scenario, _state
 from tests.test_llm import CONFIGS
 

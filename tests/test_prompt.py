@@ -11,8 +11,8 @@ from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from infinisst_backend.config import PromptConfig  # noqa: E402
 from infinisst_backend.errors import InvalidArgument  # noqa: E402
-from infinisst_backend.prompt import LLAMA3_DATE_TEXT, PromptBuilder, TurnPrompt  # noqa: E402
-from infinisst_backend.tokenizers_util import (  # noqa: E402
+from infinisst_backend.text.prompt import LLAMA3_DATE_TEXT, PromptBuilder, TurnPrompt  # noqa: E402
+from infinisst_backend.text.tokenizers import (  # noqa: E402
     INFINISST_TOKENS,
     LLAMA3_SPECIAL_TOKENS,
     add_infinisst_tokens,

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infinisst_backend import serving
 from infinisst_backend.config import SAMPLE_RATE, EngineConfig
+from infinisst_backend.engine.events import RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
 from infinisst_backend.errors import CapacityError, InvalidArgument, UnknownStream
-from infinisst_backend.events import RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
+from infinisst_backend.serving import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_PY = ROOT / "model_repository" / "infinisst" / "1" / "model.py"
@@ -255,7 +255,7 @@ def test_config_errors_name_the_parameter(ckpt, key, value, named):
 
 def test_forced_turn_seed_parameter(ckpt):
     """Benchmark-only forced turn lengths: empty is off, else a seed; the same seed draws the same lengths."""
-    from infinisst_backend.forced_turns import TurnLengths
+    from infinisst_backend.engine.forced_turns import TurnLengths
 
     assert serving.parse_forced_turn_seed("") is None and serving.parse_forced_turn_seed(" 7 ") == 7
     cfg = serving.serving_config_from_parameters(

@@ -294,7 +294,7 @@ def test_encoder_graph_buffers_match_eager():
     """The CUDA-graph path's static buffers, run without graphs (capture=False, CPU float64): full chunks take it,
     first ones included, padded up to a bucket and split above the largest, next to eager groups in the same call;
     the outputs and caches equal the eager path's, and no slot outside the batch changes."""
-    from infinisst_backend.encoder_graphs import EncoderGraphs, encoder_buckets
+    from infinisst_backend.runtime.encoder_graphs import EncoderGraphs, encoder_buckets
 
     assert encoder_buckets(1) == [1] and encoder_buckets(30) == [1, 2, 4, 8, 16, 24, 30]
     assert encoder_buckets(300)[-4:] == [128, 192, 256, 300]

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from infinisst_backend import speech_encoder
 from infinisst_backend.config import SAMPLES_PER_UNIT, SpeechEncoderConfig
-from infinisst_backend.speech_encoder import (
+from infinisst_backend.model import speech_encoder
+from infinisst_backend.model.speech_encoder import (
     HalfRotary,
     InterleavedRotary,
     SpeechCache,
@@ -426,7 +426,7 @@ def test_fused_attention_experiment_matches_the_reference(monkeypatch, m):
     """The switch speech_encoder.FUSED_ATTENTION (off; an experiment for GPUs) computes the same attention with one
     fused kernel: in float64 it equals the reference arithmetic, streaming (masked young windows, full ones) and
     offline, and the caches it writes are the same."""
-    from infinisst_backend import speech_encoder
+    from infinisst_backend.model import speech_encoder
 
     model = build()
     samples = audio(SAMPLES_PER_UNIT * (5 * m) + 777, seed=3)  # past the 100-frame window, a partial last chunk

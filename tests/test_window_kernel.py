@@ -1,4 +1,4 @@
-"""The speech encoder's window kernel (:mod:`infinisst_backend.window_kernel`), run by Triton's CPU interpreter.
+"""The speech encoder's window kernel (:mod:`infinisst_backend.kernels.window_kernel`), run by Triton's CPU interpreter.
 
 On a GPU the same kernel is compiled; ``tests/test_gpu.py`` checks it there bit for bit in bf16. The interpreter rounds
 fp32 -> bf16 by truncation where the GPU rounds to nearest even, so on CPU bf16 results may differ from the reference
@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infinisst_backend import speech_encoder, window_kernel
 from infinisst_backend.config import SAMPLES_PER_UNIT
-from infinisst_backend.speech_encoder import HalfRotary, InterleavedRotary
+from infinisst_backend.kernels import window_kernel
+from infinisst_backend.model import speech_encoder
+from infinisst_backend.model.speech_encoder import HalfRotary, InterleavedRotary
 from tests.test_speech_encoder import audio, build, tiny_config
 
 pytest.importorskip("triton")
@@ -234,7 +235,7 @@ def test_graph_pass_of_first_chunks_through_window_attention(interpreted, monkey
     """The encoder graphs' pass (run without capture) takes first chunks as well: a zero CNN tail and a window that is
     all masked (its rows hold NaN before the pass, as uninitialized memory may). Through the one-kernel attention it
     stays within fp32 rounding of the eager reference, chunk after chunk, for m=1 and m=2 streams together."""
-    from infinisst_backend.encoder_graphs import EncoderGraphs
+    from infinisst_backend.runtime.encoder_graphs import EncoderGraphs
 
     model = build(tiny_config(embed_dim=64), dtype=torch.float32)
     calls = []

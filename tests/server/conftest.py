@@ -138,9 +138,9 @@ class Bystander:
 def reference():
     """``reference(samples, language, m)``: the text the engine produces for this audio alone, in-process, on
     the same checkpoint with the same engine configuration as the server's ``infinisst`` model."""
-    from infinisst_backend import serving
-    from infinisst_backend.engine import Engine
-    from infinisst_backend.events import TextDelta
+    from infinisst_backend.engine.engine import Engine
+    from infinisst_backend.engine.events import TextDelta
+    from infinisst_backend.serving import serving
 
     params = {**config_parameters((MODEL_DIR / "config.pbtxt").read_text()), **MAIN}
     cfg = serving.serving_config_from_parameters(params, "cpu", DEMO_CHECKPOINT.parents[1])

@@ -1,4 +1,4 @@
-"""Triton Python-backend model ``infinisst``: a thin layer over ``infinisst_backend.engine.Engine``.
+"""Triton Python-backend model ``infinisst``: a thin layer over ``infinisst_backend.engine.engine.Engine``.
 
 Threads:
 - Triton's thread calls ``execute()``: it parses each request, opens the stream on START, hands the audio to
@@ -25,11 +25,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 import infinisst_backend
-from infinisst_backend import serving
-from infinisst_backend.engine import Engine
+from infinisst_backend.engine.engine import Engine
+from infinisst_backend.engine.events import StreamFinished, TurnEnded
+from infinisst_backend.engine.forced_turns import TurnLengths
 from infinisst_backend.errors import CapacityError, EngineError, InvalidArgument, UnknownStream
-from infinisst_backend.events import StreamFinished, TurnEnded
-from infinisst_backend.forced_turns import TurnLengths
+from infinisst_backend.serving import serving
 
 PROJECT_ROOT = Path(infinisst_backend.__file__).resolve().parents[1]
 _STOP = object()  # queue sentinel: finalize() has shut the engine down

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from .config import LLMConfig
+from infinisst_backend.config import LLMConfig
 
 # The table covers this many positions before it first grows. Positions are compact cache indices, which the
 # eviction window keeps near S + 1000 + one turn (design.md "Paged KV").

@@ -18,7 +18,7 @@ and division are CUDA's own (libdevice's ``expf`` and ``rsqrtf``, an IEEE divisi
 add are therefore bit for bit the reference's. RMSNorm sums the squares in another order than torch's reduction, so
 its fp32 inverse norm may differ in the last bit, which after rounding to bf16 moves rare outputs by one unit.
 
-The LLM uses them only inside :func:`fused_passes`, which :class:`~infinisst_backend.cuda_graphs.StepGraphs` enters
+The LLM uses them only inside :func:`fused_passes`, which :class:`~runtime.llm_graphs.StepGraphs` enters
 around its warm-ups and captures: a launch from Python costs more host time than the kernels save. :func:`ready`
 compiles and runs each kernel once on a small input first; if Triton cannot (no compiler, no writable cache), the
 kernels are disabled for the process with one warning and the graphs capture the reference ops.
@@ -38,7 +38,7 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor
 
-from .window_kernel import interpreting, triton_importable
+from infinisst_backend.kernels.window_kernel import interpreting, triton_importable
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def ready(device: torch.device | str, dtype: torch.dtype) -> bool:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """``RMSNorm(x)`` as :class:`~infinisst_backend.llm.RMSNorm` computes it, for ``x [T, N]`` and a ``weight [N]`` of
+    """``RMSNorm(x)`` as :class:`~model.llm.RMSNorm` computes it, for ``x [T, N]`` and a ``weight [N]`` of
     x's dtype. With ``residual``: ``h = x + residual`` (rounded as the reference's add), returns ``(norm(h), h)``."""
     rows, n = x.shape
     if weight.shape != (n,) or weight.dtype != x.dtype:
@@ -268,8 +268,8 @@ def rope_write_kv(
     num_kv_heads: int,
 ) -> Tensor:
     """From the fused projection ``qkv [T, (Hq + 2 Hkv) * D]``: rotate q and k with ``cos``/``sin [T, D/2]`` (as
-    :func:`~infinisst_backend.rope.apply_rotary`), store k and v at slots ``(page, offset)`` of ``kv_layer
-    [num_pages, 2, page_size, Hkv, D]`` in its dtype (as :func:`~infinisst_backend.attention.write_kv`), return
+    :func:`~infinisst_backend.model.rope.apply_rotary`), store k and v at slots ``(page, offset)`` of ``kv_layer
+    [num_pages, 2, page_size, Hkv, D]`` in its dtype (as :func:`~infinisst_backend.kernels.attention.write_kv`), return
     q ``[T, Hq, D]``."""
     tokens = qkv.shape[0]
     dim = kv_layer.shape[-1]
@@ -300,7 +300,7 @@ def rope_write_kv(
 
 
 def silu_mul(gate_up: Tensor, block: int = 1024) -> Tensor:
-    """``silu(gate) * up`` of ``gate_up [T, 2I]`` (gate first), as :class:`~infinisst_backend.llm.MLP` computes it."""
+    """``silu(gate) * up`` of ``gate_up [T, 2I]`` (gate first), as :class:`~model.llm.MLP` computes it."""
     tokens, width = gate_up.shape
     inner = width // 2
     out = torch.empty(tokens, inner, dtype=gate_up.dtype, device=gate_up.device)
@@ -346,7 +346,7 @@ def move_tokens(
     """The data side of a batched eviction in one kernel, in place: for each move ``(tail, src_off, src_pages,
     dst_off, dst_pages)``, its ``tail`` tokens move down from ``src_pages`` (the first at offset ``src_off`` of the
     first page) to ``dst_pages`` in every layer of ``data [L, P, 2, page_size, H, D]``, their keys re-rotated by the
-    move's row of ``cos_sin [M, 2, D/2]`` (float32) as :func:`~infinisst_backend.rope.rerotate_tokens` does, values
+    move's row of ``cos_sin [M, 2, D/2]`` (float32) as :func:`~model.rope.rerotate_tokens` does, values
     copied. Each destination token must precede its source in the sequence, and no page may be written by one move and
     read by another (no copy-on-write pages in the batch).
     """

@@ -21,16 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import MAX_LATENCY_MULTIPLIER, SAMPLE_RATE, DecodingConfig, EngineConfig, ModelConfig
-from .decoding import GreedyTurn, PartialStepError, beam_step, greedy_step, make_turn_decoder
-from .detokenizer import IncrementalDetokenizer
-from .errors import CapacityError, EngineError, InvalidArgument, UnknownStream
-from .events import Event, RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
-from .model import InfiniSSTModel
-from .model_runner import ModelRunner
-from .prompt import PromptBuilder
-from .scheduler import PREFILL, Admission, Scheduler, StepRecord, worst_case_pages
-from .stream import Stream, Turn, eviction_cut
+from infinisst_backend.config import MAX_LATENCY_MULTIPLIER, SAMPLE_RATE, DecodingConfig, EngineConfig, ModelConfig
+from infinisst_backend.engine.events import Event, RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
+from infinisst_backend.engine.scheduler import PREFILL, Admission, Scheduler, StepRecord, worst_case_pages
+from infinisst_backend.engine.stream import Stream, Turn, eviction_cut
+from infinisst_backend.errors import CapacityError, EngineError, InvalidArgument, UnknownStream
+from infinisst_backend.model.infinisst import InfiniSSTModel
+from infinisst_backend.runtime.model_runner import ModelRunner
+from infinisst_backend.text.decoding import GreedyTurn, PartialStepError, beam_step, greedy_step, make_turn_decoder
+from infinisst_backend.text.detokenizer import IncrementalDetokenizer
+from infinisst_backend.text.prompt import PromptBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +105,8 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, path, cfg: EngineConfig, on_event: Callable[[Event], None] | None = None) -> Engine:
-        from .checkpoint import load_checkpoint
-        from .model_runner import DTYPES
+        from infinisst_backend.model.checkpoint import load_checkpoint
+        from infinisst_backend.runtime.model_runner import DTYPES
 
         model, tokenizer, model_cfg = load_checkpoint(path, device=cfg.device, dtype=DTYPES[cfg.dtype])
         return cls(model, tokenizer, model_cfg, cfg, on_event)

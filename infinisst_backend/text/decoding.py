@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .config import DecodingConfig
+from infinisst_backend.config import DecodingConfig
 
 # 4.47 starts beams 1.. with this cumulative score, so that the first step expands beam 0 only.
 _DEAD_BEAM_SCORE = -1e9

@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import window_kernel
-from .config import SAMPLES_PER_UNIT, SpeechEncoderConfig
-from .errors import CapacityError
+from infinisst_backend.config import SAMPLES_PER_UNIT, SpeechEncoderConfig
+from infinisst_backend.errors import CapacityError
+from infinisst_backend.kernels import window_kernel
 
 if TYPE_CHECKING:
-    from .encoder_graphs import EncoderGraphs
+    from infinisst_backend.runtime.encoder_graphs import EncoderGraphs
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -708,7 +708,7 @@ class SpeechFrontend(nn.Module):
         size: all streams at their first chunk, or all past it at any age and block phase (each one's cache window
         and mask are padded to the full ``max_cache_frames``).
 
-        ``graphs`` (GPU, :class:`~infinisst_backend.encoder_graphs.EncoderGraphs` of this frontend): the streams
+        ``graphs`` (GPU, :class:`~infinisst_backend.runtime.encoder_graphs.EncoderGraphs` of this frontend): the streams
         with a full chunk of a captured m (later chunks, and first ones with the paper's CNN) run as replays of CUDA
         graphs instead, the others as usual.
 

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig
-from .llm import LLM
-from .speech_encoder import SpeechFrontend
+from infinisst_backend.config import ModelConfig
+from infinisst_backend.model.llm import LLM
+from infinisst_backend.model.speech_encoder import SpeechFrontend
 
 # Speech keys are stored under this prefix in a checkpoint (model doc §1.2); the LLM's keys are stored as is.
 SPEECH_PREFIX = "model.speech_encoder."

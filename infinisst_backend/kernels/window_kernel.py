@@ -5,7 +5,7 @@ one kernel: RoPE on queries and keys, scores, softmax and the weighted sum, with
 scores (``speech_encoder.WINDOW_ATTENTION``; its arithmetic is described there and below). :func:`window_keys_values`,
 described next, only builds the keys and values, bit for bit, for the reference ops to use.
 
-The reference path of :class:`~infinisst_backend.speech_encoder.SelfAttention` makes a layer's keys and values in
+The reference path of :class:`~infinisst_backend.model.speech_encoder.SelfAttention` makes a layer's keys and values in
 about eight passes over the window, several of them in fp32: gather the cached frames from the pool, transpose,
 concatenate the chunk's frames, then RoPE on every key (pair swap, negation, two products, a sum, a cast). At serving
 batch sizes that data movement, not the matmuls, is what the encoder spends its time on
@@ -14,7 +14,7 @@ a tile of frames (from the pool rows, or from the chunk's new keys for the last 
 writes K and V in the matmul's layout [S, H, C+T, D].
 
 The result is bit for bit the reference's: the kernel takes the rotary's cos/sin tables as the reference computes
-them (:meth:`~infinisst_backend.speech_encoder.InterleavedRotary.tables`), applies the same products in the same
+them (:meth:`~infinisst_backend.model.speech_encoder.InterleavedRotary.tables`), applies the same products in the same
 dtypes (fp32 products, or products rounded to the model dtype when the tables are in it) and adds them without a
 fused multiply-add (``enable_fp_fusion=False``), as the reference's separate kernels do.
 
@@ -114,7 +114,7 @@ def _kernel():
 
 @functools.cache
 def _attention_kernel():
-    from ._window_attention_kernel import window_attention_kernel  # imports triton
+    from infinisst_backend.kernels._window_attention_kernel import window_attention_kernel  # imports triton
 
     return window_attention_kernel
 
@@ -169,7 +169,7 @@ def window_keys_values(
     the rotary tables of the key positions.
 
     Returns (k, v), each [S, H, L, D] contiguous in the chunk's dtype: k = RoPE(cat(cached, new)), v = cat(cached,
-    new), as :class:`~infinisst_backend.speech_encoder.SelfAttention`'s reference path computes them.
+    new), as :class:`~infinisst_backend.model.speech_encoder.SelfAttention`'s reference path computes them.
     """
     batch, length, heads, dim = new_k.shape
     cached = rows.shape[1]

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import llm_kernels
-from .config import LLMConfig
-from .errors import CapacityError
-from .rope import rerotate_tokens, rerotation_compute_dtype, rerotation_cos_sin
+from infinisst_backend.config import LLMConfig
+from infinisst_backend.errors import CapacityError
+from infinisst_backend.kernels import llm_kernels
+from infinisst_backend.model.rope import rerotate_tokens, rerotation_compute_dtype, rerotation_cos_sin
 
 
 class OutOfPages(CapacityError):

@@ -5,7 +5,7 @@ Qwen2-style LLM with the chatml template and the SmolLM2 tokenizer (plus InfiniS
 streaming speech encoder, seeded normal weights. Its "translations" are gibberish of realistic shape: the
 ``<|im_end|>`` row of the LM head is scaled up so that turns end early at varying lengths, like real ones.
 
-Usage: ``python -m infinisst_backend.demo OUT_DIR [--seed N] [--force]``.
+Usage: ``python -m infinisst_backend.model.demo OUT_DIR [--seed N] [--force]``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CONFIG_FILE, FORMAT, FORMAT_VERSION, REQUIRED_FILES, save_checkpoint
-from .config import LLMConfig, ModelConfig, PromptConfig, SpeechEncoderConfig
-from .model import InfiniSSTModel
-from .tokenizers_util import add_infinisst_tokens, smollm2_tokenizer
+from infinisst_backend.config import LLMConfig, ModelConfig, PromptConfig, SpeechEncoderConfig
+from infinisst_backend.model.checkpoint import CONFIG_FILE, FORMAT, FORMAT_VERSION, REQUIRED_FILES, save_checkpoint
+from infinisst_backend.model.infinisst import InfiniSSTModel
+from infinisst_backend.text.tokenizers import add_infinisst_tokens, smollm2_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import llm_kernels
-from .attention import AttentionBackend
-from .config import LLMConfig
-from .kv_cache import PagedKVCache
-from .rope import RotaryEmbedding, apply_rotary
+from infinisst_backend.config import LLMConfig
+from infinisst_backend.kernels import llm_kernels
+from infinisst_backend.kernels.attention import AttentionBackend
+from infinisst_backend.model.kv_cache import PagedKVCache
+from infinisst_backend.model.rope import RotaryEmbedding, apply_rotary
 
 
 class RMSNorm(nn.Module):

@@ -41,9 +41,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .config import MAX_LATENCY_MULTIPLIER, SAMPLES_PER_UNIT
-from .cuda_graphs import capture_graph
-from .speech_encoder import (
+from infinisst_backend.config import MAX_LATENCY_MULTIPLIER, SAMPLES_PER_UNIT
+from infinisst_backend.model.speech_encoder import (
     SpeechCache,
     SpeechCachePool,
     SpeechFrontend,
@@ -52,6 +51,7 @@ from .speech_encoder import (
     _GroupUpdate,
     window_kernel_passes,
 )
+from infinisst_backend.runtime.llm_graphs import capture_graph
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import logging
 import torch
 from torch import Tensor
 
-from .attention import AttentionBackend, AttentionBatch
-from .config import EngineConfig
+from infinisst_backend.config import EngineConfig
+from infinisst_backend.kernels.attention import AttentionBackend, AttentionBatch
 
 logger = logging.getLogger(__name__)
 

@@ -31,10 +31,10 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from . import llm_kernels
-from .attention import AttentionBackend
-from .kv_cache import PagedKVCache, SequenceKV
-from .model import InfiniSSTModel
+from infinisst_backend.kernels import llm_kernels
+from infinisst_backend.kernels.attention import AttentionBackend
+from infinisst_backend.model.infinisst import InfiniSSTModel
+from infinisst_backend.model.kv_cache import PagedKVCache, SequenceKV
 
 logger = logging.getLogger(__name__)
 

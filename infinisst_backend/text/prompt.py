@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import EMBEDDINGS_PER_UNIT, MAX_LATENCY_MULTIPLIER, PromptConfig
-from .errors import InvalidArgument
+from infinisst_backend.config import EMBEDDINGS_PER_UNIT, MAX_LATENCY_MULTIPLIER, PromptConfig
+from infinisst_backend.errors import InvalidArgument
 
 # Llama-3.1's chat template always writes this date header into the system message (model doc §5.1).
 LLAMA3_DATE_TEXT = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"

@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from .config import TOKENS_PER_UNIT
+from infinisst_backend.config import TOKENS_PER_UNIT
 
 TOKENS_PER_UNIT_MEAN = 5.0  # forced turn length per 0.96 s of audio, EOT included
 

@@ -19,9 +19,9 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from .config import EMBEDDINGS_PER_UNIT, TOKENS_PER_UNIT, EngineConfig
-from .errors import CapacityError
-from .stream import Stream
+from infinisst_backend.config import EMBEDDINGS_PER_UNIT, TOKENS_PER_UNIT, EngineConfig
+from infinisst_backend.engine.stream import Stream
+from infinisst_backend.errors import CapacityError
 
 PREFILL = "prefill"
 DECODE = "decode"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import EMBEDDINGS_PER_UNIT, SAMPLE_RATE, SAMPLES_PER_UNIT, TOKENS_PER_UNIT, DecodingConfig
+from infinisst_backend.config import EMBEDDINGS_PER_UNIT, SAMPLE_RATE, SAMPLES_PER_UNIT, TOKENS_PER_UNIT, DecodingConfig
 
 # A stream shorter than this in total is finished without a turn (model doc §6.5).
 MIN_SOURCE_SAMPLES = int(0.32 * SAMPLE_RATE)

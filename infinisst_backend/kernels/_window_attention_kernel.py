@@ -1,4 +1,4 @@
-"""The Triton kernel of :func:`infinisst_backend.window_kernel.window_attention` (imported on first use: it imports
+"""The Triton kernel of :func:`kernels.window_kernel.window_attention` (imported on first use: it imports
 Triton, which the package does not need on CPU)."""
 
 import triton

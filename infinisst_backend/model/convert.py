@@ -16,7 +16,7 @@ safetensors, the wav2vec 2.0 ``.pt``, which is what the reference's sequence of 
 They are streamed one tensor at a time into ``model.safetensors``, so memory stays at about one tensor whatever
 the model size.
 
-Usage: ``python -m infinisst_backend.convert OUT_DIR --llm DIR --wav2vec FILE.pt --state-dict FILE.bin
+Usage: ``python -m infinisst_backend.model.convert OUT_DIR --llm DIR --wav2vec FILE.pt --state-dict FILE.bin
 [--lora FILE.bin] [--dtype bfloat16] ...`` (``--help`` lists every option).
 """
 
@@ -45,7 +45,8 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import (
+from infinisst_backend.config import DTYPES, LLMConfig, ModelConfig, PromptConfig, SpeechEncoderConfig
+from infinisst_backend.model.checkpoint import (
     CONFIG_FILE,
     FORMAT,
     FORMAT_VERSION,
@@ -55,8 +56,7 @@ from .checkpoint import (
     parameters_without_memory,
     read_config,
 )
-from .config import DTYPES, LLMConfig, ModelConfig, PromptConfig, SpeechEncoderConfig
-from .model import LM_HEAD_KEY, SPEECH_PREFIX, InfiniSSTModel
+from infinisst_backend.model.infinisst import LM_HEAD_KEY, SPEECH_PREFIX, InfiniSSTModel
 
 logger = logging.getLogger(__name__)
 
@@ -946,7 +946,7 @@ def _listing(names: list[str], limit: int = 20) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m infinisst_backend.convert",
+        prog="python -m infinisst_backend.model.convert",
         description="Convert the released InfiniSST files into a checkpoint directory (docs/real-checkpoints.md).",
     )
     parser.add_argument("out_dir", type=Path, help="the checkpoint directory to write")

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import DecodingConfig, EngineConfig
-from .errors import InvalidArgument, UnknownStream
-from .events import RequestDone, StreamError, StreamFinished, TextDelta
+from infinisst_backend.config import DecodingConfig, EngineConfig
+from infinisst_backend.engine.events import RequestDone, StreamError, StreamFinished, TextDelta
+from infinisst_backend.errors import InvalidArgument, UnknownStream
 
 # Triton request flags (TRITONSERVER_REQUEST_FLAG_SEQUENCE_START / _END).
 FLAG_SEQUENCE_START = 1

@@ -25,9 +25,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import DTYPES, ModelConfig
-from .model import InfiniSSTModel
-from .prompt import PromptBuilder
+from infinisst_backend.config import DTYPES, ModelConfig
+from infinisst_backend.model.infinisst import InfiniSSTModel
+from infinisst_backend.text.prompt import PromptBuilder
 
 logger = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ import logging
 
 import torch
 
-from . import llm_kernels
-from .attention import AttentionBatch, TorchAttention
-from .config import EMBEDDINGS_PER_UNIT, EngineConfig
-from .cuda_graphs import scratch_pages_needed
-from .kv_cache import PagedKVCache, SequenceKV
-from .model import InfiniSSTModel
+from infinisst_backend.config import EMBEDDINGS_PER_UNIT, EngineConfig
+from infinisst_backend.kernels import llm_kernels
+from infinisst_backend.kernels.attention import AttentionBatch, TorchAttention
+from infinisst_backend.model.infinisst import InfiniSSTModel
+from infinisst_backend.model.kv_cache import PagedKVCache, SequenceKV
+from infinisst_backend.runtime.llm_graphs import scratch_pages_needed
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 def make_attention_backend(cfg: EngineConfig):
     if cfg.attention_backend == "flashinfer":
-        from .flashinfer_attention import FlashInferAttention  # GPU only; imported lazily
+        from infinisst_backend.kernels.flashinfer_attention import FlashInferAttention  # GPU only; imported lazily
 
         return FlashInferAttention(cfg, decode_tensor_cores=cfg.decode_tensor_cores)
     return TorchAttention()
@@ -72,7 +72,7 @@ class ModelRunner:
         # prefill-sized batches).
         self.speech_graphs = None
         if self.device.type == "cuda" and cfg.cuda_graphs:
-            from .encoder_graphs import MAX_GRAPH_BATCH, EncoderGraphs  # GPU only
+            from infinisst_backend.runtime.encoder_graphs import MAX_GRAPH_BATCH, EncoderGraphs  # GPU only
 
             max_batch = min(cfg.max_batch_size, MAX_GRAPH_BATCH)
             self.speech_graphs = EncoderGraphs(model.speech, self.speech_pool, max_batch, GRAPH_MULTIPLIERS)
@@ -121,7 +121,7 @@ class ModelRunner:
         return self._forward(seqs, embeds, [q_len] * len(seqs))
 
     def _step_graphs(self, num_pages: int):
-        from .cuda_graphs import StepGraphs  # GPU only
+        from infinisst_backend.runtime.llm_graphs import StepGraphs  # GPU only
 
         scratch = list(range(num_pages, self.kv.data.shape[1]))  # the pages past the pool
         return StepGraphs(
