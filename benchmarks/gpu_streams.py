@@ -66,7 +66,7 @@ from infinisst_backend.text.prompt import PromptBuilder
 
 P95_LIMIT_S = 0.5
 P99_LIMIT_S = 1.0
-VOCAB_SIZE = 128_263  # Llama-3.1 + InfiniSST's 7 added tokens (model doc §1.4)
+VOCAB_SIZE = 128_263  # Llama-3.1 + InfiniSST's 7 added tokens (docs/model.md §1.4)
 HEADROOM_BYTES = 8 << 30  # activations, workspaces and allocator slack kept free of caches
 PAGE_SIZE = 16
 # A later turn's prompt around its 12m speech rows (Llama-3.1 ids): <|eot_id|> user header, then assistant header.
@@ -755,7 +755,7 @@ def measure_naive(bench: Bench, encoder_ms_b1: dict[int, float], context: int) -
     """One stream, unbatched: HF transformers Llama with a contiguous DynamicCache of ``context`` tokens.
 
     A turn = speech encoder (batch 1) + prefill of the turn prompt (12m + 10 tokens) + (mean forced length - 1)
-    decode steps with an argmax read back per step; beam 4 runs 4 rows, as the reference does (model doc §6.2).
+    decode steps with an argmax read back per step; beam 4 runs 4 rows, as the reference does (docs/model.md §6.2).
     naive N* = floor(chunk period / turn time): workers share the GPU one turn at a time.
     """
     import transformers

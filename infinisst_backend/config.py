@@ -35,7 +35,7 @@ def _fail(name: str, value: Any, expected: str) -> None:
 
 @dataclass(slots=True)
 class SpeechEncoderConfig:
-    """wav2vec 2.0-style streaming encoder with RoPE and a chunk-causal window (model doc §2.1, §3)."""
+    """wav2vec 2.0-style streaming encoder with RoPE and a chunk-causal window (docs/model.md §2.1, §3)."""
 
     # (channels, kernel, stride) per CNN layer. Kernels/strides fix the 20 ms frame grid; channels may shrink.
     conv_layers: list[tuple[int, int, int]] = field(
@@ -128,7 +128,7 @@ class LLMConfig:
 
 @dataclass(slots=True)
 class PromptConfig:
-    """The paper's multi-turn prompt (model doc §5, §7.4)."""
+    """The paper's multi-turn prompt (docs/model.md §5, §7.4)."""
 
     template: str = "llama3"  # "llama3" | "chatml"
     # {language} is the target-language name; {latency} the latency token (e.g. "<latency_1>") or "".
@@ -205,7 +205,7 @@ class ModelConfig:
 
 @dataclass(slots=True)
 class DecodingConfig:
-    """Per-stream decoding options (model doc §6). beam_size 1 is greedy with the same processors."""
+    """Per-stream decoding options (docs/model.md §6). beam_size 1 is greedy with the same processors."""
 
     beam_size: int = 1
     repetition_penalty: float = 1.2

@@ -1,6 +1,6 @@
 """The converter from the released InfiniSST files, on tiny synthetic checkpoints in the released layouts.
 
-The synthetic files are written here from the layouts of model doc §1.2 (key names, shapes, mixed fp32/bf16),
+The synthetic files are written here from the layouts of docs/model.md §1.2 (key names, shapes, mixed fp32/bf16),
 §1.3 (a fairseq .pt with the encoder config in cfg.model.w2v_args, or in an argparse Namespace) and §7 (a
 stage-1 state dict without the LLM, a PEFT LoRA state dict), independently of the model code. After
 conversion, every tensor of the loaded model is compared with the tensor it must come from, and the outputs
@@ -129,7 +129,7 @@ def random_tensors(shapes: dict[str, tuple], seed: int, dtype_of) -> dict[str, t
 
 
 def mixed_dtype(name: str) -> torch.dtype:
-    """Frozen parts (the speech encoder, RoPE freqs) bf16, trainable ones fp32 (model doc §1.1)."""
+    """Frozen parts (the speech encoder, RoPE freqs) bf16, trainable ones fp32 (docs/model.md §1.1)."""
     return BF16 if name.startswith(SE) else F32
 
 

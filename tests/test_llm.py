@@ -58,7 +58,7 @@ CONFIGS = {
 
 
 def _reference_inv_freq(cfg: LLMConfig) -> torch.Tensor:
-    """Scalar float64 formula of model doc §2.2, written independently of rope.py."""
+    """Scalar float64 formula of docs/model.md §2.2, written independently of rope.py."""
     out = []
     for i in range(cfg.head_dim // 2):
         f = cfg.rope_theta ** (-2 * i / cfg.head_dim)
@@ -159,7 +159,7 @@ def _make_pair(cfg: LLMConfig, seed: int = 0) -> tuple[LLM, nn.Module]:
 class _HFSequence:
     """The reference for one sequence: HF run incrementally with a ``DynamicCache``.
 
-    Eviction follows the released InfiniSST code (model doc §2.2, §5.4): the kept cache entries are sliced out
+    Eviction follows the released InfiniSST code (docs/model.md §2.2, §5.4): the kept cache entries are sliced out
     and every key is rotated at its new compact index, here by undoing HF's rotation at the old positions and
     redoing it at the new ones (HF's own ``apply_rotary_pos_emb``; no delta rotation as in ours).
     """

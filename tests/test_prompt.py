@@ -1,4 +1,4 @@
-"""PromptBuilder: token layouts of both templates (model doc §5.1-§5.3, §7.4), EOS set, languages, m."""
+"""PromptBuilder: token layouts of both templates (docs/model.md §5.1-§5.3, §7.4), EOS set, languages, m."""
 
 import dataclasses
 import os

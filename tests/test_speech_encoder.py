@@ -101,7 +101,7 @@ def test_streaming_equals_full(variant, m, num_samples):
 
 
 def reference_encode(model: SpeechFrontend, samples: torch.Tensor, m: int) -> torch.Tensor:
-    """An independent functional transcription of model doc §3.4-§4 from the state dict (RoPE as complex rotation,
+    """An independent functional transcription of docs/model.md §3.4-§4 from the state dict (RoPE as complex rotation,
     the mask from its definition), on top of the CNN that is checked against transformers separately."""
     cfg, sd = model.cfg, model.state_dict()
     heads, d, window, block = cfg.num_heads, cfg.head_dim, cfg.max_cache_frames, cfg.block_size * m

@@ -17,7 +17,7 @@ import numpy as np
 
 from infinisst_backend.config import EMBEDDINGS_PER_UNIT, SAMPLE_RATE, SAMPLES_PER_UNIT, TOKENS_PER_UNIT, DecodingConfig
 
-# A stream shorter than this in total is finished without a turn (model doc §6.5).
+# A stream shorter than this in total is finished without a turn (docs/model.md §6.5).
 MIN_SOURCE_SAMPLES = int(0.32 * SAMPLE_RATE)
 
 
@@ -140,7 +140,7 @@ class Stream:
 
 
 def eviction_cut(checkpoints: list[int], length: int, window: int, system_len: int) -> int | None:
-    """The paper's turn-aligned sliding window (model doc §5.4), per stream.
+    """The paper's turn-aligned sliding window (docs/model.md §5.4), per stream.
 
     ``checkpoints`` holds the cache length after each turn (the current one last). Returns the cache index
     where the retained tail starts (a turn boundary), or None when nothing is evicted, and rewrites

@@ -3,7 +3,7 @@
 ::
 
     config.json          ModelConfig.to_dict() plus {"format": "infinisst-backend", "format_version": 1}
-    model.safetensors    weights under the released InfiniSST key names (model doc §1.2)
+    model.safetensors    weights under the released InfiniSST key names (docs/model.md §1.2)
     tokenizer files      HF fast tokenizer, written by save_pretrained (tokenizer_config.json, tokenizer.json, ...)
 
 Loading never runs a random init: parameters are created without memory, then become the tensors read from

@@ -69,7 +69,7 @@ LORA_PREFIX = "base_model.model."  # PEFT wraps the model: base_model (LoraModel
 DEFAULT_LORA_ALPHA = 16.0  # the reference's LoraConfig(lora_alpha=16)
 DEFAULT_LATENCY_TOKENS = 4  # the paper's <latency_1..4>
 
-# Tokens InfiniSST's preprocess() appends (model doc §1.4, §7.1): speech tokens, latency tokens (Llama), then the
+# Tokens InfiniSST's preprocess() appends (docs/model.md §1.4, §7.1): speech tokens, latency tokens (Llama), then the
 # pad token the agent sets if the tokenizer lacks it (Qwen2.5 does: its ids end up 151665..151668).
 SPEECH_TOKENS = ("<sp_patch>", "<sp_start>", "<sp_end>")
 PAD_TOKEN = "<|finetune_right_pad_id|>"
@@ -81,7 +81,7 @@ DEFAULT_EOS = {
     "chatml": ["<|im_end|>", "<|endoftext|>"],
 }
 
-# Keys of InfiniSST's state dict that our model does not use (model doc §1.2): the pretraining mask embedding,
+# Keys of InfiniSST's state dict that our model does not use (docs/model.md §1.2): the pretraining mask embedding,
 # the convolutional positional embedding that RoPE replaced, HF rotary buffers (derived from the config).
 _UNUSED_KEY = re.compile(
     r"^model\.speech_encoder\.speech_encoder\.(mask_emb|encoder\.pos_conv\..*)$|\.rotary_emb\.inv_freq$"
@@ -461,7 +461,7 @@ def _llm_config(hf: dict, arch: str, vocab_size: int, theta: float, scaling: dic
 
 
 def prompt_config(arch: str, tokenizer, eos_ids: list[int] | None, num_latency: int, system_text: str | None):
-    """The prompt of the family: Llama-3 template with latency tokens, or chatml (model doc §5, §7.4)."""
+    """The prompt of the family: Llama-3 template with latency tokens, or chatml (docs/model.md §5, §7.4)."""
     template = "llama3" if arch == "llama" else "chatml"
     latency = [LATENCY_TOKEN.format(m) for m in range(1, num_latency + 1)] if template == "llama3" else []
     if system_text is None:
@@ -473,7 +473,7 @@ def prompt_config(arch: str, tokenizer, eos_ids: list[int] | None, num_latency: 
 
 
 def _generation_eos_ids(llm_dir: Path) -> list[int] | None:
-    """eos_token_id of generation_config.json (the EOS set of generate(), model doc §5.4), if present."""
+    """eos_token_id of generation_config.json (the EOS set of generate(), docs/model.md §5.4), if present."""
     try:
         eos = json.loads((llm_dir / "generation_config.json").read_text()).get("eos_token_id")
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):

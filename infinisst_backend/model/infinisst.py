@@ -11,7 +11,7 @@ from infinisst_backend.config import ModelConfig
 from infinisst_backend.model.llm import LLM
 from infinisst_backend.model.speech_encoder import SpeechFrontend
 
-# Speech keys are stored under this prefix in a checkpoint (model doc §1.2); the LLM's keys are stored as is.
+# Speech keys are stored under this prefix in a checkpoint (docs/model.md §1.2); the LLM's keys are stored as is.
 SPEECH_PREFIX = "model.speech_encoder."
 LM_HEAD_KEY = "lm_head.weight"
 # At most this many names per category in a key-mismatch error.
@@ -29,7 +29,7 @@ class InfiniSSTModel(nn.Module):
         self.speech = SpeechFrontend(cfg.speech_encoder, cfg.llm.hidden_size)
 
     def checkpoint_state_dict(self) -> dict[str, Tensor]:
-        """The state dict under the released key names (model doc §1.2; design.md "Checkpoint directory").
+        """The state dict under the released key names (docs/model.md §1.2; design.md "Checkpoint directory").
 
         LLM names as is, speech names prefixed ``model.speech_encoder.``; ``lm_head.weight`` is left out when
         the head is tied to the embeddings. Tensors are the module's own (not copies).

@@ -1,4 +1,4 @@
-"""Rotary position embeddings of the LLM (model doc §2.2), in the half-rotation ("rotate_half") layout.
+"""Rotary position embeddings of the LLM (docs/model.md §2.2), in the half-rotation ("rotate_half") layout.
 
 Feature ``i`` of the first half of a head pairs with feature ``i + D/2``; the pair is rotated by the angle
 ``position * inv_freq[i]``. Keys are stored rotated in the paged cache, so eviction re-rotates the retained

@@ -1,6 +1,6 @@
 """Streaming speech frontend: wav2vec 2.0 CNN + RoPE transformer with a chunk-causal window, length adapter, projection.
 
-The data path for one chunk of one stream (model doc §3, §4):
+The data path for one chunk of one stream (docs/model.md §3, §4):
 
     new samples (1..15360*m) --pad to k*15360--> [raw tail | new]  --CNN--> keep the 48*k new frames
       --> layer_norm --> post_extract_proj --> pre-LN layers (attend to <= max_cache_frames cached frames + the chunk)
@@ -635,7 +635,7 @@ class _GroupUpdate:
 
 
 class SpeechFrontend(nn.Module):
-    """Streaming encoder + length adapter + projection into the LLM embedding space (model doc §3, §4).
+    """Streaming encoder + length adapter + projection into the LLM embedding space (docs/model.md §3, §4).
 
     ``state_dict()`` keys are the released names without the ``model.speech_encoder.`` prefix.
     """

@@ -1,4 +1,4 @@
-"""One assistant turn, token by token: the paper's logits processors, greedy search and beam search (model doc §6).
+"""One assistant turn, token by token: the paper's logits processors, greedy search and beam search (docs/model.md §6).
 
 The engine owns the model and the KV cache; a :class:`TurnDecoder` owns the choice of tokens. The engine calls
 ``step(logits)`` first with the prefill's logits (one row), then with the logits of the rows that the previous
@@ -317,7 +317,7 @@ class _Finished:
 
 
 class BeamTurn(TurnDecoder):
-    """Beam search over one turn with transformers 4.47's ``BeamSearchScorer`` semantics (model doc §6.3-6.5)."""
+    """Beam search over one turn with transformers 4.47's ``BeamSearchScorer`` semantics (docs/model.md §6.3-6.5)."""
 
     def __init__(self, processors: TurnProcessors, num_beams: int, max_new_tokens: int, eos_ids: frozenset[int]):
         self.processors = processors

@@ -1,4 +1,4 @@
-"""Incremental detokenization: text deltas that are safe to send, across tokens and turns (model doc §6.5).
+"""Incremental detokenization: text deltas that are safe to send, across tokens and turns (docs/model.md §6.5).
 
 The stream's text is the paper's: each turn's ids decoded with ``skip_special_tokens=True`` and stripped of
 leading and trailing whitespace, the non-empty turn texts joined by a separator (" ", or "" for Chinese and

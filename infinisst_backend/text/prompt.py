@@ -1,9 +1,9 @@
 """The multi-turn InfiniSST prompt: system prompt, per-turn token ids, EOS set and languages.
 
 Every chunk of speech is one chat turn: a user message made of ``12*m`` speech placeholders, then an assistant
-header after which the LLM writes the translation of that chunk (model doc §5). Two templates exist:
+header after which the LLM writes the translation of that chunk (docs/model.md §5). Two templates exist:
 
-``llama3`` (model doc §5.1, §5.3), the paper's Llama-3.1 layout::
+``llama3`` (docs/model.md §5.1, §5.3), the paper's Llama-3.1 layout::
 
     first turn:  <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: ...
                  {system text with <latency_m>}<|eot_id|>                                  <- S tokens
@@ -12,7 +12,7 @@ header after which the LLM writes the translation of that chunk (model doc §5).
     later turns: <|eot_id|><|start_header_id|>user<|end_header_id|>\\n\\n<sp_patch>*12m
                  <|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n
 
-``chatml`` (model doc §7.4), the Qwen2.5 layout::
+``chatml`` (docs/model.md §7.4), the Qwen2.5 layout::
 
     first turn:  <|im_start|>system\\n{system text}<|im_end|>\\n                         <- S tokens
                  <|im_start|>user\\n<sp_patch>*12m<|im_end|>\\n<|im_start|>assistant\\n
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from infinisst_backend.config import EMBEDDINGS_PER_UNIT, MAX_LATENCY_MULTIPLIER, PromptConfig
 from infinisst_backend.errors import InvalidArgument
 
-# Llama-3.1's chat template always writes this date header into the system message (model doc §5.1).
+# Llama-3.1's chat template always writes this date header into the system message (docs/model.md §5.1).
 LLAMA3_DATE_TEXT = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 
 # A piece is a special-token id (int) or text to encode (str).
@@ -45,7 +45,7 @@ class TurnPrompt:
     """The input ids of one chat turn around its speech placeholders."""
 
     prefix_ids: list[int]  # tokens before the speech (first turn: includes the system prompt)
-    num_speech: int  # 12*m placeholders in input_ids (a partial chunk splices in fewer rows, model doc §5.2)
+    num_speech: int  # 12*m placeholders in input_ids (a partial chunk splices in fewer rows, docs/model.md §5.2)
     suffix_ids: list[int]  # tokens after the speech, ending with the assistant header
     system_len: int  # S for the first turn (the tokens eviction keeps), 0 otherwise
     speech_token_id: int  # id of the placeholder token

