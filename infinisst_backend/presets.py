@@ -1,0 +1,128 @@
+"""Model sizes the project builds again and again, in one place: the tiny test model, the demo model, the paper's.
+
+Each returns a fresh :class:`ModelConfig` (its sub-configs may be changed by the caller). The prompt presets are
+the two templates a checkpoint of this project uses: the paper's ``llama3`` one (``PromptConfig()``) and the
+``chatml`` one of the Qwen2 / SmolLM2 releases (:func:`chatml_prompt`).
+"""
+
+from __future__ import annotations
+
+from infinisst_backend.config import LLMConfig, ModelConfig, PromptConfig, SpeechEncoderConfig
+
+# The system prompt of the chatml releases (docs/model.md §7.4); the llama3 one is PromptConfig's default.
+INTERPRETER_SYSTEM_TEXT = "Translate the following speeches from English to {language} as a simultaneous interpreter."
+CHATML_EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
+# The vocabulary of the paper's LLM (Llama-3.1: 128,256 ids), used by models with dummy weights.
+LLAMA3_VOCAB_SIZE = 128_256
+
+
+def chatml_prompt(system_text: str = INTERPRETER_SYSTEM_TEXT) -> PromptConfig:
+    """The chatml template without latency tokens, ending turns at ``<|im_end|>`` or ``<|endoftext|>``."""
+    return PromptConfig(
+        template="chatml", system_text=system_text, latency_tokens=[], eos_tokens=list(CHATML_EOS_TOKENS)
+    )
+
+
+def _speech(channels: int, **fields) -> SpeechEncoderConfig:
+    """A speech encoder with the paper's CNN strides (320 samples per frame) at ``channels`` channels."""
+    conv = [(channels, 10, 5)] + [(channels, 3, 2)] * 4 + [(channels, 2, 2)] * 2
+    return SpeechEncoderConfig(conv_layers=conv, **fields)
+
+
+def tiny_model_config(
+    template: str = "chatml",
+    architecture: str = "qwen2",
+    vocab_size: int = 0,
+    dtype: str = "float64",
+    speech: dict | None = None,
+    **llm,
+) -> ModelConfig:
+    """A model small enough for CPU tests (2 layers each side, hidden 32). ``speech`` overrides
+    SpeechEncoderConfig fields, ``llm`` LLMConfig fields (e.g. ``tie_word_embeddings``)."""
+    speech_fields = dict(embed_dim=32, num_layers=2, num_heads=4, ffn_dim=64, max_cache_frames=120) | (speech or {})
+    llm_fields = (
+        dict(
+            architecture=architecture,
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            rms_norm_eps=1e-6,
+            rope_theta=10_000.0,
+            attention_bias=architecture == "qwen2",
+        )
+        | llm
+    )
+    prompt = chatml_prompt() if template == "chatml" else PromptConfig()
+    return ModelConfig(
+        speech_encoder=_speech(16, **speech_fields), llm=LLMConfig(**llm_fields), prompt=prompt, dtype=dtype
+    )
+
+
+def gpu_test_model_config() -> ModelConfig:
+    """The GPU tests' model: tiny, but with FlashInfer's head size (128) and a bf16 dtype."""
+    speech = _speech(32, embed_dim=64, num_layers=2, num_heads=4, ffn_dim=128, max_cache_frames=96)
+    llm = LLMConfig(
+        architecture="qwen2",
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=10_000.0,
+        attention_bias=True,
+    )
+    return ModelConfig(speech_encoder=speech, llm=llm, prompt=chatml_prompt(), dtype="bfloat16")
+
+
+def demo_model_config(vocab_size: int) -> ModelConfig:
+    """The embedded demo model: a 4-layer Qwen2-style LLM (hidden 256) over the SmolLM2 tokenizer of
+    ``vocab_size`` ids, and a 4-layer streaming speech encoder (256 wide) with the paper's 576-frame window."""
+    speech = _speech(
+        128, embed_dim=256, num_layers=4, num_heads=4, ffn_dim=1024, rope_variant="interleaved", max_cache_frames=576
+    )
+    llm = LLMConfig(
+        architecture="qwen2",
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=False,
+        attention_bias=True,
+    )
+    return ModelConfig(speech_encoder=speech, llm=llm, prompt=chatml_prompt(), dtype="float32")
+
+
+def paper_model_config(num_layers: int = 32, vocab_size: int = LLAMA3_VOCAB_SIZE) -> ModelConfig:
+    """The paper's dimensions: Llama-3.1-8B LLM (``num_layers`` of its 32), wav2vec 2.0 Large encoder (576-frame
+    window), llama3 prompt. Llama-3.1's frequency-dependent RoPE scaling is left out (plain RoPE, the same cost)."""
+    llm = LLMConfig(architecture="llama", vocab_size=vocab_size, num_hidden_layers=num_layers, rope_theta=500_000.0)
+    return ModelConfig(speech_encoder=SpeechEncoderConfig(), llm=llm, dtype="bfloat16")
+
+
+def smoke_model_config(vocab_size: int = LLAMA3_VOCAB_SIZE) -> ModelConfig:
+    """A small model of the paper's shape family (llama architecture and prompt), for benchmark harnesses on CPU."""
+    speech = _speech(32, embed_dim=64, num_layers=2, num_heads=4, ffn_dim=128)
+    llm = LLMConfig(
+        architecture="llama",
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        rope_theta=500_000.0,
+    )
+    return ModelConfig(speech_encoder=speech, llm=llm, dtype="float32")
