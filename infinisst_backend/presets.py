@@ -12,8 +12,8 @@ from infinisst_backend.config import LLMConfig, ModelConfig, PromptConfig, Speec
 # The system prompt of the chatml releases (docs/model.md §7.4); the llama3 one is PromptConfig's default.
 INTERPRETER_SYSTEM_TEXT = "Translate the following speeches from English to {language} as a simultaneous interpreter."
 CHATML_EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
-# The vocabulary of the paper's LLM (Llama-3.1: 128,256 ids), used by models with dummy weights.
-LLAMA3_VOCAB_SIZE = 128_256
+# The paper's vocabulary: Llama-3.1 plus InfiniSST's 7 added tokens (docs/model.md §1.4), for dummy-weight models.
+PAPER_VOCAB_SIZE = 128_263
 
 
 def chatml_prompt(system_text: str = INTERPRETER_SYSTEM_TEXT) -> PromptConfig:
@@ -104,14 +104,14 @@ def demo_model_config(vocab_size: int) -> ModelConfig:
     return ModelConfig(speech_encoder=speech, llm=llm, prompt=chatml_prompt(), dtype="float32")
 
 
-def paper_model_config(num_layers: int = 32, vocab_size: int = LLAMA3_VOCAB_SIZE) -> ModelConfig:
+def paper_model_config(num_layers: int = 32, vocab_size: int = PAPER_VOCAB_SIZE) -> ModelConfig:
     """The paper's dimensions: Llama-3.1-8B LLM (``num_layers`` of its 32), wav2vec 2.0 Large encoder (576-frame
     window), llama3 prompt. Llama-3.1's frequency-dependent RoPE scaling is left out (plain RoPE, the same cost)."""
     llm = LLMConfig(architecture="llama", vocab_size=vocab_size, num_hidden_layers=num_layers, rope_theta=500_000.0)
     return ModelConfig(speech_encoder=SpeechEncoderConfig(), llm=llm, dtype="bfloat16")
 
 
-def smoke_model_config(vocab_size: int = LLAMA3_VOCAB_SIZE) -> ModelConfig:
+def smoke_model_config(vocab_size: int = PAPER_VOCAB_SIZE) -> ModelConfig:
     """A small model of the paper's shape family (llama architecture and prompt), for benchmark harnesses on CPU."""
     speech = _speech(32, embed_dim=64, num_layers=2, num_heads=4, ffn_dim=128)
     llm = LLMConfig(
