@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 SAMPLE_RATE = 16_000
 # One latency unit: 0.96 s of 16 kHz audio. A chunk holds m units.
 SAMPLES_PER_UNIT = 15_360
@@ -26,7 +28,26 @@ EMBEDDINGS_PER_UNIT = 12
 TOKENS_PER_UNIT = 10
 MAX_LATENCY_MULTIPLIER = 4
 
-DTYPES = ("float32", "float64", "bfloat16", "float16")
+# The dtypes a checkpoint, the compute or the KV cache may use: config name -> torch dtype.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """The config name of a torch dtype or dtype name ("bfloat16" for torch.bfloat16); an unsupported one raises."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"invalid dtype={dtype!r}: expected one of {tuple(DTYPES)}")
+    return name
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of a dtype name or torch dtype (torch.bfloat16 for "bfloat16"); an unsupported one raises."""
+    return DTYPES[dtype_name(dtype)]
 
 
 def _fail(name: str, value: Any, expected: str) -> None:
@@ -176,7 +197,7 @@ class ModelConfig:
         self.llm.validate()
         self.prompt.validate()
         if self.dtype not in DTYPES:
-            _fail("dtype", self.dtype, f"one of {DTYPES}")
+            _fail("dtype", self.dtype, f"one of {tuple(DTYPES)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -257,9 +278,6 @@ class EngineConfig:
     # turn, as later turns do. Saves S tokens of prefill per new stream, which matters when many streams start at once.
     # It leaves as many system tokens unshared as make that rest as long as a later turn (graphed prefill shapes).
     share_system_prompt: bool = True
-    # "iteration": ORCA-style, new work joins at the next step (prefill first).
-    # "static": a batch decodes to the end of its turns before new prefills join (a baseline, not for serving).
-    scheduling: str = "iteration"
     default_language: str = "German"
     default_latency_multiplier: int = 1
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
@@ -273,9 +291,9 @@ class EngineConfig:
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
-            _fail("dtype", self.dtype, f"one of {DTYPES}")
+            _fail("dtype", self.dtype, f"one of {tuple(DTYPES)}")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in DTYPES:
-            _fail("kv_cache_dtype", self.kv_cache_dtype, f"'auto' or one of {DTYPES}")
+            _fail("kv_cache_dtype", self.kv_cache_dtype, f"'auto' or one of {tuple(DTYPES)}")
         if self.attention_backend not in ("torch", "flashinfer"):
             _fail("attention_backend", self.attention_backend, "'torch' or 'flashinfer'")
         for name in ("max_batch_size", "max_prefill_tokens", "page_size", "max_streams", "max_llm_cache_tokens"):
@@ -285,8 +303,6 @@ class EngineConfig:
             _fail("num_pages", self.num_pages, ">= 0")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             _fail("kv_memory_fraction", self.kv_memory_fraction, "in (0, 1]")
-        if self.scheduling not in ("iteration", "static"):
-            _fail("scheduling", self.scheduling, "'iteration' or 'static'")
         if self.batch_timeout_s < 0:
             _fail("batch_timeout_s", self.batch_timeout_s, ">= 0")
         if not 1 <= self.default_latency_multiplier <= MAX_LATENCY_MULTIPLIER:

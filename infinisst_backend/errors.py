@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 class EngineError(Exception):
-    """Base class. ``code`` is one of INVALID_ARG, UNAVAILABLE, NOT_FOUND, CANCELLED, INTERNAL."""
+    """Base class. ``code`` is one of INVALID_ARG, UNAVAILABLE, NOT_FOUND, INTERNAL (a CANCELLED stream is only
+    reported, as a StreamError event, never raised)."""
 
     code = "INTERNAL"
 
@@ -32,7 +33,3 @@ class UnknownStream(EngineError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.message
-
-
-class StreamCancelled(EngineError):
-    code = "CANCELLED"

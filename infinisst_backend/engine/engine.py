@@ -105,8 +105,8 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, path, cfg: EngineConfig, on_event: Callable[[Event], None] | None = None) -> Engine:
+        from infinisst_backend.config import DTYPES
         from infinisst_backend.model.checkpoint import load_checkpoint
-        from infinisst_backend.runtime.model_runner import DTYPES
 
         model, tokenizer, model_cfg = load_checkpoint(path, device=cfg.device, dtype=DTYPES[cfg.dtype])
         return cls(model, tokenizer, model_cfg, cfg, on_event)

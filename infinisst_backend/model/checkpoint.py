@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from infinisst_backend.config import DTYPES, ModelConfig
+from infinisst_backend.config import ModelConfig, dtype_name, torch_dtype
 from infinisst_backend.model.infinisst import InfiniSSTModel
 from infinisst_backend.text.prompt import PromptBuilder
 
@@ -54,9 +54,9 @@ def save_checkpoint(path, model: InfiniSSTModel, cfg: ModelConfig, tokenizer, dt
         raise ValueError("cfg.llm / cfg.speech_encoder differ from the configuration the model was built with")
     check_tokenizer(tokenizer, cfg)
 
-    torch_dtype = getattr(torch, saved_dtype)
+    stored = torch_dtype(saved_dtype)
     tensors = {
-        name: (t.detach().to("cpu", torch_dtype) if t.is_floating_point() else t.detach().cpu()).contiguous()
+        name: (t.detach().to("cpu", stored) if t.is_floating_point() else t.detach().cpu()).contiguous()
         for name, t in model.checkpoint_state_dict().items()
     }
     path.mkdir(parents=True, exist_ok=True)
@@ -86,13 +86,13 @@ def load_checkpoint(path, device="cpu", dtype=None) -> tuple[InfiniSSTModel, obj
         if not (path / name).is_file():
             raise ValueError(f"checkpoint {path} is missing {name}")
     cfg = read_config(path)
-    torch_dtype = getattr(torch, dtype_name(cfg.dtype if dtype is None else dtype))
+    dtype = torch_dtype(cfg.dtype if dtype is None else dtype)
     tokenizer = load_tokenizer(path)
     check_tokenizer(tokenizer, cfg, where=str(path))
 
     with parameters_without_memory():
         model = InfiniSSTModel(cfg)
-    sd = _read_weights(path / WEIGHTS_FILE, device, torch_dtype)
+    sd = _read_weights(path / WEIGHTS_FILE, device, dtype)
     try:
         model.load_checkpoint_state_dict(sd, strict=True, assign=True)
     except ValueError as e:
@@ -101,7 +101,7 @@ def load_checkpoint(path, device="cpu", dtype=None) -> tuple[InfiniSSTModel, obj
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    logger.info("loaded checkpoint %s on %s (%s)", path, device, torch_dtype)
+    logger.info("loaded checkpoint %s on %s (%s)", path, device, dtype)
     return model, tokenizer, cfg
 
 
@@ -198,11 +198,3 @@ def _atomic_path(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def dtype_name(dtype) -> str:
-    """The config name of a torch dtype or dtype name ("bfloat16" for torch.bfloat16); an unsupported one raises."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"invalid dtype={dtype!r}: expected one of {DTYPES}")
-    return name

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from infinisst_backend.config import EMBEDDINGS_PER_UNIT, EngineConfig
+from infinisst_backend.config import DTYPES, EMBEDDINGS_PER_UNIT, EngineConfig
 from infinisst_backend.kernels import llm_kernels
 from infinisst_backend.kernels.attention import AttentionBatch, TorchAttention
 from infinisst_backend.model.infinisst import InfiniSSTModel
@@ -26,8 +26,6 @@ VOCAB_PAD = 128
 GRAPH_MULTIPLIERS = (1, 2)
 GRAPH_PREFILL_Q_LENS = [EMBEDDINGS_PER_UNIT * m + 10 for m in GRAPH_MULTIPLIERS]  # a later turn's prompt tokens
 MAX_PREFILL_GRAPH_BATCH = 64
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def make_attention_backend(cfg: EngineConfig):
