@@ -59,9 +59,9 @@ import numpy as np
 import torch
 
 from infinisst_backend.config import EMBEDDINGS_PER_UNIT, SAMPLES_PER_UNIT, DecodingConfig, EngineConfig
+from infinisst_backend.engine.admission import worst_case_pages
 from infinisst_backend.engine.engine import Engine
 from infinisst_backend.engine.events import StreamError, TurnEnded
-from infinisst_backend.engine.scheduler import worst_case_pages
 from infinisst_backend.engine.stream import eviction_cut
 from infinisst_backend.model.checkpoint import dtype_name
 from infinisst_backend.runtime.model_runner import DTYPES, ModelRunner

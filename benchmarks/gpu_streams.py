@@ -56,10 +56,10 @@ from infinisst_backend.config import (
     ModelConfig,
     SpeechEncoderConfig,
 )
+from infinisst_backend.engine.admission import worst_case_pages
 from infinisst_backend.engine.engine import Engine
 from infinisst_backend.engine.events import StreamError, StreamFinished, TextDelta, TurnEnded
 from infinisst_backend.engine.forced_turns import TOKENS_PER_UNIT_MEAN, TurnLengths
-from infinisst_backend.engine.scheduler import worst_case_pages
 from infinisst_backend.model.infinisst import InfiniSSTModel
 from infinisst_backend.runtime.model_runner import ModelRunner
 from infinisst_backend.text.prompt import PromptBuilder

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from infinisst_backend.config import SAMPLES_PER_UNIT, DecodingConfig
-from infinisst_backend.engine.scheduler import DECODE, PREFILL, worst_case_pages
+from infinisst_backend.engine.admission import worst_case_pages
+from infinisst_backend.engine.scheduler import DECODE, PREFILL
 from infinisst_backend.errors import CapacityError, InvalidArgument, UnknownStream
 from infinisst_backend.model.kv_cache import OutOfPages
 
@@ -237,7 +238,7 @@ def test_full_length_turns_stay_within_the_admitted_pages(m):
     engine = make_engine(bundle, dtype="float32", max_llm_cache_tokens=120)
     engine.turn_length_hook = lambda m, max_new: max_new
     engine.open_stream("s", "German", m, GREEDY)
-    reserved = engine._meta["s"].reserved_pages
+    reserved = engine.admission.reserved_pages  # the one open stream's reservation
     rng = np.random.default_rng(m)
     peak, lengths = 0, []
     for _ in range(int(24 / m)):
@@ -394,7 +395,7 @@ def test_prefill_waits_for_a_fuller_batch_while_decodes_run(bundle):
     assert 0 < engine.scheduler.wait_hint(streams(), arrival + 1.0) <= 9.0
     step = engine.scheduler.schedule(streams(), hint, arrival + 10.0)
     assert step.phase == PREFILL and [s.id for s in step.streams] == [0]
-    engine._run_prefill(step.streams)
+    engine._run(step, 0.0)
     if engine._streams[0].turn is None:
         pytest.skip("the turn ended at its first token; nothing to decode")
     for i in (1, 2):
@@ -414,7 +415,7 @@ def test_a_step_decodes_its_greedy_and_its_beam_streams_in_two_batches(bundle, m
     """After a prefill, the greedy streams' first tokens come from one batched greedy_step and the beam streams'
     (widths 2 and 3) from one batched beam_step, one device-to-host transfer each; later decode steps batch the
     beams too; every stream's output is what it gets alone."""
-    import infinisst_backend.engine.engine as engine_module
+    import infinisst_backend.engine.step as step_module
 
     rng = np.random.default_rng(12)
     beam2, beam3 = DecodingConfig(beam_size=2), DecodingConfig(beam_size=3)
@@ -429,13 +430,13 @@ def test_a_step_decodes_its_greedy_and_its_beam_streams_in_two_batches(bundle, m
     assert step.phase == PREFILL and sorted(s.id for s in step.streams) == list(decodings)
     batches = {"greedy_step": [], "beam_step": []}
     for name, batch in batches.items():
-        real = getattr(engine_module, name)
+        real = getattr(step_module, name)
         monkeypatch.setattr(
-            engine_module,
+            step_module,
             name,
             lambda turns, logits, real=real, batch=batch: (batch.append(len(turns)), real(turns, logits))[1],
         )
-    engine._run_prefill(step.streams)
+    engine._run(step, 0.0)
     assert batches == {"greedy_step": [3], "beam_step": [3]}
     engine.run_until_idle()
     assert max(batches["beam_step"]) == 3  # decode steps stepped the beam streams together

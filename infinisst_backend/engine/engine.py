@@ -4,12 +4,16 @@ Threading: the public methods (``open_stream``, ``add_audio``, ``cancel_stream``
 They validate, reserve, and post a command to the inbox; they never touch stream state. All stream state,
 the model and the caches belong to the engine thread (or to whoever calls ``step()`` in tests), which applies
 the inbox between steps, so new work joins at the next step.
+
+A step is schedule → execute → update: the :class:`~.scheduler.Scheduler` picks the streams (a pure function of
+their state), the :class:`~.step.Executor` runs them on the model and steps their decoders, the
+:class:`~.step.Updater` applies the results and emits the events. The engine itself keeps the public API, the inbox
+and each stream's lifecycle (open, finish, expiry); :mod:`.admission` reserves each stream's worst-case memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import threading
 import time
@@ -22,13 +26,14 @@ import numpy as np
 import torch
 
 from infinisst_backend.config import MAX_LATENCY_MULTIPLIER, SAMPLE_RATE, DecodingConfig, EngineConfig, ModelConfig
-from infinisst_backend.engine.events import Event, RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
-from infinisst_backend.engine.scheduler import PREFILL, Admission, Scheduler, StepRecord, worst_case_pages
-from infinisst_backend.engine.stream import Stream, Turn, eviction_cut
-from infinisst_backend.errors import CapacityError, EngineError, InvalidArgument, UnknownStream
+from infinisst_backend.engine.admission import Admission, worst_case_pages
+from infinisst_backend.engine.events import Event, StreamError, StreamFinished
+from infinisst_backend.engine.scheduler import ScheduledStep, Scheduler, StepRecord
+from infinisst_backend.engine.step import Executor, Updater
+from infinisst_backend.engine.stream import Stream
+from infinisst_backend.errors import InvalidArgument, UnknownStream
 from infinisst_backend.model.infinisst import InfiniSSTModel
 from infinisst_backend.runtime.model_runner import ModelRunner
-from infinisst_backend.text.decoding import GreedyTurn, PartialStepError, beam_step, greedy_step, make_turn_decoder
 from infinisst_backend.text.detokenizer import IncrementalDetokenizer
 from infinisst_backend.text.prompt import PromptBuilder
 
@@ -43,13 +48,16 @@ EXPIRY_CHECK_S = 1.0
 class _StreamMeta:
     """What the caller-side API knows of an open stream (guarded by the engine lock)."""
 
-    reserved_pages: int
-    max_samples: int
     last_activity: float
     closed: bool = False  # END received or cancelled: no more audio accepted
 
 
 class Engine:
+    """Streams in, events out; see the module docstring for threads. ``on_event(event)`` receives every event (a
+    public attribute: benchmarks may set it); without one, events collect in ``events``. ``clock`` is anything with
+    ``monotonic()`` and ``sleep(seconds)`` (the ``time`` module by default; benchmarks pass a virtual clock), the
+    only source of time the engine reads. ``scheduler``: the step policy (default :class:`Scheduler`)."""
+
     def __init__(
         self,
         model: InfiniSSTModel,
@@ -57,11 +65,16 @@ class Engine:
         model_cfg: ModelConfig,
         cfg: EngineConfig,
         on_event: Callable[[Event], None] | None = None,
+        *,
+        clock=time,
+        scheduler: Scheduler | None = None,
     ):
         cfg.validate()
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
+        self.clock = clock
+        self.on_event = on_event
         self.prompts = PromptBuilder(tokenizer, model_cfg.prompt)
         self.default_language = self.prompts.language_name(cfg.default_language)
         # The engine's GPU work (CUDA-graph capture and replay, FlashInfer, streams) runs with its device current,
@@ -70,16 +83,9 @@ class Engine:
         with self._device_current():
             num_pages = cfg.num_pages or _pages_from_free_memory(model, cfg)
             self.runner = ModelRunner(model, cfg, num_pages)
-        self.scheduler = Scheduler(cfg)
+        self.scheduler = scheduler or Scheduler(cfg)
         self.admission = Admission(cfg, num_pages)
         self._system_len_hint = self.prompts.first_turn(self.default_language, 1).system_len
-        self._on_event = on_event
-        # Test hook for fault injection: called as fault_hook(stream_id) inside each stream's own processing
-        # step; whatever it raises fails that stream only (the reliability tests use it through the server).
-        self.fault_hook: Callable[[Hashable], None] | None = None
-        # Benchmark hook (dummy weights never emit EOT): turn_length_hook(m, max_new_tokens) caps each new turn's
-        # length (forced_turns.TurnLengths.draw). None in every real deployment.
-        self.turn_length_hook: Callable[[int, int], int] | None = None
         self.events: deque[Event] = deque()  # used when no callback is given
         self.step_records: deque[StepRecord] = deque(maxlen=100_000)
         self._lock = threading.Lock()
@@ -89,7 +95,7 @@ class Engine:
         self._streams: dict[Hashable, Stream] = {}  # engine thread only
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._last_expiry_check = time.monotonic()
+        self._last_expiry_check = clock.monotonic()
         self.counters = {
             "generated_tokens": 0,
             "turns": 0,
@@ -97,11 +103,28 @@ class Engine:
             "decode_steps": 0,
             "shared_system_prompts": 0,
         }
-        # Per system prompt (its token ids), the last stream that started with it: new streams share its pages.
-        self._system_prompts: dict[tuple[int, ...], Stream] = {}
-        # Evictions decided by turns that ended in this step: (stream, its cache, keep, cut), run together at the
-        # end of the step (_flush_compactions).
-        self._pending_compactions: list[tuple[Stream, Any, int, int]] = []
+        self._executor = Executor(self.runner, self.prompts, cfg, self._streams, self.counters)
+        self._updater = Updater(self.runner, cfg, self._streams, self.counters, self._emit, self._finish, clock)
+
+    @property
+    def fault_hook(self) -> Callable[[Hashable], None] | None:
+        """Test hook for fault injection: called as fault_hook(stream_id) inside each stream's own update; whatever
+        it raises fails that stream only (the reliability tests use it through the server)."""
+        return self._updater.fault_hook
+
+    @fault_hook.setter
+    def fault_hook(self, hook: Callable[[Hashable], None] | None) -> None:
+        self._updater.fault_hook = hook
+
+    @property
+    def turn_length_hook(self) -> Callable[[int, int], int] | None:
+        """Benchmark hook (dummy weights never emit EOT): turn_length_hook(m, max_new_tokens) caps each new turn's
+        length (forced_turns.TurnLengths.draw). None in every real deployment."""
+        return self._executor.turn_length_hook
+
+    @turn_length_hook.setter
+    def turn_length_hook(self, hook: Callable[[int, int], int] | None) -> None:
+        self._executor.turn_length_hook = hook
 
     @classmethod
     def from_checkpoint(cls, path, cfg: EngineConfig, on_event: Callable[[Event], None] | None = None) -> Engine:
@@ -138,8 +161,7 @@ class Engine:
             if stream_id in self._meta:
                 raise InvalidArgument(f"stream {stream_id!r} is already open; end it or use a new sequence id")
             self.admission.admit(pages)
-            max_samples = int(self.cfg.max_request_seconds * SAMPLE_RATE)
-            self._meta[stream_id] = _StreamMeta(pages, max_samples, time.monotonic())
+            self._meta[stream_id] = _StreamMeta(self.clock.monotonic())
             self._inbox.append(("open", stream_id, language, m, decoding, pages))
             self._wake.notify()
 
@@ -150,10 +172,10 @@ class Engine:
         accepted call later gets exactly one RequestDone(tag), or a StreamError(tag) if the stream fails.
         """
         samples = _as_samples(samples)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         with self._lock:
             meta = self._lookup(stream_id)
-            if samples.size > meta.max_samples:
+            if samples.size > self.cfg.max_request_seconds * SAMPLE_RATE:
                 raise InvalidArgument(
                     f"request holds {samples.size / SAMPLE_RATE:.2f} s of audio; the maximum per request is "
                     f"{self.cfg.max_request_seconds:g} s (max_request_seconds)"
@@ -230,7 +252,7 @@ class Engine:
             if not did_work:
                 with self._wake:
                     if not self._inbox and not self._stopping:
-                        hint = self.scheduler.wait_hint(list(self._streams.values()), time.monotonic())
+                        hint = self.scheduler.wait_hint(list(self._streams.values()), self.clock.monotonic())
                         self._wake.wait(EXPIRY_CHECK_S if hint is None else max(hint, 1e-4))
 
     # ------------------------------------------------------------------ the step
@@ -244,27 +266,31 @@ class Engine:
         return contextlib.nullcontext() if self._cuda is None else torch.cuda.device(self._cuda)
 
     def _step(self) -> bool:
+        """schedule → execute → update."""
         self._apply_inbox()
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now - self._last_expiry_check >= EXPIRY_CHECK_S:
             self._expire_idle(now)
-        step = self.scheduler.schedule(list(self._streams.values()), self._system_len_hint, now)
-        if step is None:
+        plan = self.scheduler.schedule(list(self._streams.values()), self._system_len_hint, now)
+        if plan is None:
             return False
-        self.step_records.append(StepRecord(step.phase, [s.id for s in step.streams], step.num_rows, step.num_tokens))
-        try:
-            if step.phase == PREFILL:
-                self.counters["prefill_steps"] += 1
-                self._run_prefill(step.streams)
-            else:
-                self.counters["decode_steps"] += 1
-                self._run_decode(step.streams)
-        except Exception as e:  # the batch failed as a whole: fail its streams, keep the others
-            logger.exception("%s step failed", step.phase)
-            for stream in step.streams:
-                if stream.id in self._streams:
-                    self._finish(stream, "error", "INTERNAL", f"{step.phase} failed: {e}")
+        self.step_records.append(
+            StepRecord(plan.phase, [s.id for s in plan.streams], plan.num_rows, plan.num_tokens, now)
+        )
+        self._run(plan, now)
         return True
+
+    def _run(self, plan: ScheduledStep, now: float) -> None:
+        """Execute a scheduled step, then update its streams from the result."""
+        try:
+            output = self._executor.execute(plan, now)
+        except Exception as e:  # the batch failed as a whole: fail its streams, keep the others
+            logger.exception("%s step failed", plan.phase)
+            for stream in plan.streams:
+                if stream.id in self._streams:
+                    self._finish(stream, "error", "INTERNAL", f"{plan.phase} failed: {e}")
+            return
+        self._updater.update(output)
 
     def has_work(self) -> bool:
         with self._lock:
@@ -278,192 +304,9 @@ class Engine:
             if not self.step():
                 if not self.has_work():
                     return
-                hint = self.scheduler.wait_hint(list(self._streams.values()), time.monotonic())
-                time.sleep(hint or 0.0)
+                hint = self.scheduler.wait_hint(list(self._streams.values()), self.clock.monotonic())
+                self.clock.sleep(hint or 0.0)
         raise RuntimeError("run_until_idle: too many steps")
-
-    def _run_prefill(self, streams: list[Stream]) -> None:
-        chunks = [s.chunks.popleft() for s in streams]
-        speech = self.runner.encode_speech([s.speech_cache for s in streams], [c.samples for c in chunks])
-        prompts = [
-            self.prompts.first_turn(s.language, s.m) if s.turns_done == 0 else self.prompts.next_turn(s.m)
-            for s in streams
-        ]
-        parts = []
-        shared_keys = {}
-        for stream, prompt, emb in zip(streams, prompts, speech):
-            prefix = prompt.prefix_ids
-            if stream.turns_done == 0 and self.cfg.share_system_prompt:
-                key = tuple(prefix[: prompt.system_len])
-                shared_keys[stream.id] = key
-                donor = self._system_prompt_cache(key)
-                if donor is not None and stream.kv.num_tokens == 0:
-                    shared = self._shared_prefix_len(prompt, stream.m)
-                    stream.kv.release()
-                    stream.kv = donor.share_prefix(shared)
-                    prefix = prefix[shared:]
-                    self.counters["shared_system_prompts"] += 1
-            parts.append((prefix, emb, prompt.suffix_ids))
-        logits = self.runner.prefill([s.kv for s in streams], parts)
-        for stream in streams:  # their system prompts' keys and values are computed (queued on the device) now
-            if stream.id in shared_keys:
-                self._system_prompts[shared_keys[stream.id]] = stream
-        for stream, prompt, chunk in zip(streams, prompts, chunks):
-            if stream.turns_done == 0:
-                stream.system_len = prompt.system_len
-            max_new = stream.max_new_tokens
-            if self.turn_length_hook is not None:
-                max_new = self.turn_length_hook(stream.m, max_new)
-            decoder = make_turn_decoder(
-                stream.decoding, prompt.input_ids(), list(stream.history), max_new, self.prompts.eos_ids
-            )
-            stream.turn = Turn(chunk, decoder, rows=[stream.kv], tokens=[])
-            stream.kv = None  # the turn's rows own the cache until the turn ends
-        self._step_turns(streams, logits, list(range(len(streams) + 1)))  # one row per stream after a prefill
-        self._flush_compactions()
-
-    def _shared_prefix_len(self, prompt, m: int) -> int:
-        """How many system-prompt tokens a first turn takes from a live stream: all of them, less as many as make the
-        rest of the first turn exactly as long as a later turn's prompt, a prefill shape with CUDA graphs (with the
-        shipped templates, the system prompt less its last token). Recomputing those tokens costs nothing measurable;
-        an eager prefill of streams starting together costs every stream in the step."""
-        excess = prompt.num_tokens - self.prompts.next_turn(m).num_tokens
-        return excess if 0 < excess <= prompt.system_len else prompt.system_len
-
-    def _system_prompt_cache(self, key: tuple[int, ...]):
-        """A live cache whose first ``len(key)`` tokens are the system prompt ``key`` (the last stream that started
-        with it, while it lives), or None."""
-        stream = self._system_prompts.get(key)
-        if stream is None:
-            return None
-        if self._streams.get(stream.id) is not stream:
-            del self._system_prompts[key]
-            return None
-        seq = stream.kv if stream.kv is not None else (stream.turn.rows[0] if stream.turn is not None else None)
-        return seq if seq is not None and seq.num_tokens >= len(key) else None
-
-    def _run_decode(self, streams: list[Stream]) -> None:
-        rows = [row for s in streams for row in s.turn.rows]
-        tokens = [tok for s in streams for tok in s.turn.tokens]
-        logits = self.runner.decode(rows, tokens)
-        self._step_turns(streams, logits, list(itertools.accumulate((len(s.turn.rows) for s in streams), initial=0)))
-        self._flush_compactions()
-
-    def _step_turns(self, streams: list[Stream], logits: torch.Tensor, offsets: list[int]) -> None:
-        """One decoding step of each stream's turn from its rows ``logits[offsets[i] : offsets[i + 1]]``: the greedy
-        streams (one row each) in one batched step, the beam streams in another, each with one device-to-host
-        transfer for the whole batch."""
-        greedy = [i for i, s in enumerate(streams) if isinstance(s.turn.decoder, GreedyTurn)]
-        beams = [i for i, s in enumerate(streams) if not isinstance(s.turn.decoder, GreedyTurn)]
-        steps = {}
-        for index, step_fn in ((greedy, greedy_step), (beams, beam_step)):
-            steps.update(zip(index, self._batched_steps(step_fn, streams, logits, offsets, index)))
-        for i, stream in enumerate(streams):
-            self._guarded(stream, self._apply, stream, steps[i])
-
-    def _flush_compactions(self) -> None:
-        """Run the evictions of the turns that ended in this step as one batched compaction.
-
-        A stream finished since its turn ended has released its cache: it is skipped. Errors raised before
-        the pool changed (out of pages, bad arguments) are pinned on their streams by compacting one by one;
-        any other error leaves the batch's caches undefined, so all its streams fail.
-        """
-        pending, self._pending_compactions = self._pending_compactions, []
-        pending = [p for p in pending if self._streams.get(p[0].id) is p[0] and p[0].kv is p[1] and p[1].pages]
-        if not pending:
-            return
-        try:
-            self.runner.compact_many([(seq, keep, cut) for _, seq, keep, cut in pending])
-        except (CapacityError, ValueError):
-            logger.exception("batched KV eviction failed; evicting stream by stream")
-            for stream, seq, keep, cut in pending:
-                self._guarded(stream, self.runner.compact_many, [(seq, keep, cut)])
-        except Exception as e:
-            logger.exception("batched KV eviction failed")
-            code = e.code if isinstance(e, EngineError) else "INTERNAL"
-            for stream, *_ in pending:
-                self._finish(stream, "error", code, f"KV cache eviction of stream {stream.id!r} failed: {e}")
-
-    def _batched_steps(self, step_fn, streams: list[Stream], logits: torch.Tensor, offsets: list[int], index):
-        """``step_fn`` (greedy_step or beam_step) over the streams ``index``, whose rows are gathered from ``logits``
-        unless they are all of it."""
-        if not index:
-            return []
-        rows = [r for i in index for r in range(offsets[i], offsets[i + 1])]
-        if rows != list(range(logits.shape[0])):
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        try:
-            return step_fn([streams[i].turn.decoder for i in index], logits)
-        except PartialStepError as e:  # the turns that stepped keep their steps; each failed one fails its stream
-            return [step if step is not None else _FailedStep(e.failures[j]) for j, step in enumerate(e.steps)]
-        except Exception:  # nothing stepped: step each stream alone to find the culprit, so only it fails
-            logger.exception("batched decoding step failed; stepping streams one by one")
-            starts = itertools.accumulate((offsets[i + 1] - offsets[i] for i in index), initial=0)
-            return [_LazyStep(streams[i], logits[o : o + offsets[i + 1] - offsets[i]]) for i, o in zip(index, starts)]
-
-    def _guarded(self, stream: Stream, fn, *args) -> None:
-        """Run per-stream work; a failure fails only this stream."""
-        try:
-            fn(*args)
-        except Exception as e:
-            logger.exception("stream %r failed", stream.id)
-            code = e.code if isinstance(e, EngineError) else "INTERNAL"
-            self._finish(stream, "error", code, f"processing of stream {stream.id!r} failed: {e}")
-
-    def _apply(self, stream: Stream, step) -> None:
-        """Apply a decoding step to the stream: snapshots, streamed text, turn end or the next rows."""
-        if self.fault_hook is not None:
-            self.fault_hook(stream.id)
-        if isinstance(step, _LazyStep | _FailedStep):
-            step = step.resolve()
-        turn = stream.turn
-        for row in step.snapshots:
-            turn.snapshots.append(turn.rows[row].fork())
-        if step.committed:
-            self._emit_text(stream, stream.detok.add(step.committed))
-            turn.committed += len(step.committed)
-        if step.done:
-            self._end_turn(stream, turn.decoder.result())
-            return
-        if step.parents != list(range(len(turn.rows))):
-            new_rows = [turn.rows[p].fork() for p in step.parents]
-            for row in turn.rows:
-                row.release()
-            turn.rows = new_rows
-        turn.tokens = list(step.tokens)
-
-    def _end_turn(self, stream: Stream, result) -> None:
-        turn = stream.turn
-        source = turn.rows[result.cache_row] if result.cache_row is not None else turn.snapshots[result.cache_snapshot]
-        stream.kv = source.fork()
-        self._emit_text(stream, stream.detok.add(result.emitted_ids[turn.committed :]) + stream.detok.end_turn())
-        _release_turn(turn)
-        stream.turn = None
-        stream.remember_target(result.emitted_ids, stream.decoding.ngram_lookback)
-        stream.turns_done += 1
-        self.counters["turns"] += 1
-        self.counters["generated_tokens"] += len(result.emitted_ids) + 1
-        length = stream.kv.num_tokens
-        stream.checkpoints.append(length)
-        cut = eviction_cut(stream.checkpoints, length, self.cfg.max_llm_cache_tokens, stream.system_len)
-        if cut is not None:  # evicted at the end of the step, batched with the other streams' evictions
-            self._pending_compactions.append((stream, stream.kv, stream.system_len, cut))
-        latency = time.monotonic() - turn.chunk.arrival
-        self._emit(TurnEnded(stream.id, turn.chunk.request.tag, tuple(result.emitted_ids), latency))
-        stream.close_chunk(turn.chunk)
-        self._flush_requests(stream)
-
-    def _emit_text(self, stream: Stream, text: str) -> None:
-        """Text of the running turn goes to the request whose audio completed the turn's chunk."""
-        if text:
-            chunk = stream.turn.chunk
-            self._emit(TextDelta(stream.id, chunk.request.tag, text, chunk.source_seconds))
-
-    def _flush_requests(self, stream: Stream) -> None:
-        for tag in stream.pop_done_requests():
-            self._emit(RequestDone(stream.id, tag))
-        if stream.finished:
-            self._finish(stream, "end")
 
     # ------------------------------------------------------------------ inbox, lifecycle
 
@@ -485,7 +328,7 @@ class Engine:
             if kind == "audio":
                 _, _, samples, tag, end, arrival = command
                 stream.add_audio(samples, tag, end, arrival)
-                self._flush_requests(stream)
+                self._updater.flush_requests(stream)
             elif kind == "cancel":
                 self._finish(stream, "cancelled", "CANCELLED", f"stream {stream_id!r} was cancelled")
 
@@ -506,7 +349,7 @@ class Engine:
     def _finish(self, stream: Stream, reason: str, code: str | None = None, message: str = "") -> None:
         """Free every page and cache of the stream; open requests get StreamError(code)."""
         if stream.turn is not None:
-            _release_turn(stream.turn)
+            stream.turn.release()
             stream.turn = None
         if stream.kv is not None:
             stream.kv.release()
@@ -545,39 +388,13 @@ class Engine:
         return meta
 
     def _emit(self, event: Event) -> None:
-        if self._on_event is None:
+        if self.on_event is None:
             self.events.append(event)
             return
         try:
-            self._on_event(event)
+            self.on_event(event)
         except Exception:
             logger.exception("event callback failed for %r", event)
-
-
-class _LazyStep:
-    """A decoding step computed when applied, so that a failure is attributed to its own stream."""
-
-    def __init__(self, stream: Stream, logits: torch.Tensor):
-        self.stream, self.logits = stream, logits
-
-    def resolve(self):
-        return self.stream.turn.decoder.step(self.logits)
-
-
-class _FailedStep:
-    """The step of a turn that failed inside a batched step: applying it raises the turn's own error."""
-
-    def __init__(self, error: Exception):
-        self.error = error
-
-    def resolve(self):
-        raise self.error
-
-
-def _release_turn(turn: Turn) -> None:
-    for seq in turn.rows + turn.snapshots:
-        seq.release()
-    turn.rows, turn.snapshots = [], []
 
 
 def _as_samples(samples) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Forced turn lengths, for benchmarks with dummy weights only (benchmarks.md "The workload").
+"""Forced turn lengths, for benchmarks with dummy weights only (docs/benchmarks.md "The workload").
 
 Random weights never emit EOT, so a benchmark caps each turn at a length drawn from a fixed seeded
 distribution: ``1 + Poisson(5m - 1)`` tokens, EOT included, at most ``10m`` (mean about 5 tokens per 0.96 s of

@@ -1,4 +1,4 @@
-"""Iteration-level (ORCA-style) scheduling policy and admission control.
+"""Iteration-level (ORCA-style) scheduling policy: which streams form the next step.
 
 Each engine step is one phase only:
 - **prefill**: streams whose next chunk is waiting and who have no turn running, first come first served by
@@ -9,19 +9,16 @@ Prefill runs first whenever a prefill batch is due: when it is full (``max_batch
 ``max_prefill_tokens`` tokens), or when its oldest chunk has waited ``batch_timeout_s`` for more streams to join
 (0: at once). While a batch fills, decode steps run. New work joins at the next step.
 
-Admission reserves each stream's worst-case KV footprint when it opens, so page allocation never fails later
-and nothing is ever preempted. The scheduler sees streams and page counts, never tensors.
+The policy is a pure function of the streams' state: it never changes a stream, and it sees streams and token
+counts, never tensors. Admission (worst-case memory reserved at stream start) is :mod:`.admission`.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from infinisst_backend.config import EMBEDDINGS_PER_UNIT, TOKENS_PER_UNIT, EngineConfig
+from infinisst_backend.config import EMBEDDINGS_PER_UNIT, EngineConfig
 from infinisst_backend.engine.stream import Stream
-from infinisst_backend.errors import CapacityError
 
 PREFILL = "prefill"
 DECODE = "decode"
@@ -43,7 +40,7 @@ class StepRecord:
     stream_ids: list
     num_rows: int
     num_tokens: int
-    time: float = field(default_factory=time.monotonic)
+    time: float  # the engine clock's time when the step was scheduled
 
 
 def prompt_tokens(stream: Stream, system_len_hint: int) -> int:
@@ -60,17 +57,15 @@ class Scheduler:
         """Pick the next step, or None when there is nothing to do (or a short wait for a fuller batch pays)."""
         ready = sorted((s for s in streams if s.ready_for_prefill), key=lambda s: s.chunks[0].arrival)
         decoding = sorted((s for s in streams if s.turn is not None), key=lambda s: s.turn.started)
-        if self.cfg.scheduling == "static" and decoding:
-            return self._decode(decoding)  # the baseline: no new work joins a running batch
         if ready:
-            step = self._prefill(ready, system_len_hint)
+            step = self.prefill_step(ready, system_len_hint)
             # A prefill is due once full (streams or token budget), or once its oldest chunk has waited
             # batch_timeout_s for more streams to join; until then decode steps run (or the idle engine waits).
             full = len(step.streams) < len(ready) or len(step.streams) >= self.cfg.max_batch_size
             if full or now - ready[0].chunks[0].arrival >= self.cfg.batch_timeout_s:
                 return step
         if decoding:
-            return self._decode(decoding)
+            return self.decode_step(decoding)
         return None
 
     def wait_hint(self, streams: list[Stream], now: float) -> float | None:
@@ -80,7 +75,8 @@ class Scheduler:
             return None
         return max(0.0, min(arrivals) + self.cfg.batch_timeout_s - now)
 
-    def _prefill(self, ready: list[Stream], system_len_hint: int) -> ScheduledStep:
+    def prefill_step(self, ready: list[Stream], system_len_hint: int) -> ScheduledStep:
+        """Prefill the oldest ready streams, up to ``max_batch_size`` streams and ``max_prefill_tokens`` tokens."""
         chosen, tokens = [], 0
         for stream in ready:
             need = prompt_tokens(stream, system_len_hint)
@@ -90,7 +86,8 @@ class Scheduler:
             tokens += need
         return ScheduledStep(PREFILL, chosen, len(chosen), tokens)
 
-    def _decode(self, decoding: list[Stream]) -> ScheduledStep:
+    def decode_step(self, decoding: list[Stream]) -> ScheduledStep:
+        """One token for every row of the oldest turns, up to ``max_batch_size`` rows."""
         chosen, rows = [], 0
         for stream in decoding:
             n = len(stream.turn.rows)
@@ -99,58 +96,3 @@ class Scheduler:
             chosen.append(stream)
             rows += n
         return ScheduledStep(DECODE, chosen, rows, rows)
-
-
-def worst_case_pages(
-    cfg: EngineConfig, m: int, beam_size: int, system_len: int, prompt_tokens: tuple[int, int] | None = None
-) -> int:
-    """Upper bound on the KV pages one stream can ever hold at once.
-
-    The committed cache never exceeds S + window after eviction (S + the last turn, if one turn is longer than the
-    window); a turn adds its prompt and up to 10m generated tokens. ``prompt_tokens``: the lengths of the stream's
-    first and later turn prompts; without them every turn is taken to be as long as S + 12m + 10, with a page of
-    slack. Beams share that prefix copy-on-write; each live beam and each finished hypothesis (at most
-    ``beam_size`` of each) holds at most its own generated tokens plus one copied partial page.
-    """
-    page = cfg.page_size
-    max_new = TOKENS_PER_UNIT * m
-    if prompt_tokens is None:
-        turn_prompt = system_len + EMBEDDINGS_PER_UNIT * m + 10
-        shared = math.ceil((system_len + cfg.max_llm_cache_tokens + turn_prompt + max_new) / page)
-    else:
-        first, later = prompt_tokens
-        committed = system_len + max(cfg.max_llm_cache_tokens, later + max_new)
-        shared = math.ceil((max(first, committed + later) + max_new) / page)
-    if beam_size == 1:
-        return shared + (prompt_tokens is None)  # the page of slack of the estimate without prompt lengths
-    per_hypothesis = math.ceil(max_new / page) + 1
-    return shared + 2 * beam_size * per_hypothesis
-
-
-class Admission:
-    """Reserves worst-case pages and a stream slot per open stream (thread-safe use is the caller's job)."""
-
-    def __init__(self, cfg: EngineConfig, total_pages: int):
-        self.cfg = cfg
-        self.total_pages = total_pages
-        self.reserved_pages = 0
-        self.open_streams = 0
-
-    def admit(self, pages: int) -> None:
-        if self.open_streams >= self.cfg.max_streams:
-            raise CapacityError(
-                f"instance at capacity: {self.open_streams} streams open (max_streams={self.cfg.max_streams}); "
-                "retry later or on another instance"
-            )
-        if self.reserved_pages + pages > self.total_pages:
-            free = self.total_pages - self.reserved_pages
-            raise CapacityError(
-                f"instance at capacity: KV memory full ({free} of {self.total_pages} pages unreserved, "
-                f"a new stream needs {pages}); retry later or on another instance"
-            )
-        self.reserved_pages += pages
-        self.open_streams += 1
-
-    def release(self, pages: int) -> None:
-        self.reserved_pages -= pages
-        self.open_streams -= 1

@@ -7,7 +7,6 @@ its current turn has ended. Everything here runs on the engine thread only.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from infinisst_backend.config import EMBEDDINGS_PER_UNIT, SAMPLE_RATE, SAMPLES_PER_UNIT, TOKENS_PER_UNIT, DecodingConfig
+from infinisst_backend.config import SAMPLE_RATE, SAMPLES_PER_UNIT, TOKENS_PER_UNIT, DecodingConfig
 
 # A stream shorter than this in total is finished without a turn (docs/model.md §6.5).
 MIN_SOURCE_SAMPLES = int(0.32 * SAMPLE_RATE)
@@ -50,7 +49,13 @@ class Turn:
     tokens: list[int]  # the token each row feeds at the next decode step
     snapshots: list = field(default_factory=list)  # SequenceKV of finished hypotheses
     committed: int = 0  # emitted ids already streamed to the detokenizer
-    started: float = field(default_factory=time.monotonic)
+    started: float = 0.0  # the engine clock's time when the turn was prefilled (the scheduler's decode order)
+
+    def release(self) -> None:
+        """Drop the turn's caches (its rows and finished hypotheses)."""
+        for seq in self.rows + self.snapshots:
+            seq.release()
+        self.rows, self.snapshots = [], []
 
 
 @dataclass(slots=True)
@@ -74,7 +79,6 @@ class Stream:
     ended: bool = False  # END received: no more audio
     checkpoints: list[int] = field(default_factory=list)  # cache lengths at turn ends (eviction)
     history: deque[int] = field(default_factory=deque)  # recent emitted target ids
-    generated_tokens: int = 0
 
     @property
     def chunk_samples(self) -> int:
@@ -83,10 +87,6 @@ class Stream:
     @property
     def max_new_tokens(self) -> int:
         return TOKENS_PER_UNIT * self.m
-
-    @property
-    def num_speech_embeddings(self) -> int:
-        return EMBEDDINGS_PER_UNIT * self.m
 
     def add_audio(self, samples: np.ndarray, tag: Any, end: bool, now: float) -> None:
         """Buffer samples, cut complete chunks, and record the request they belong to."""

@@ -6,7 +6,9 @@ pool. It never looks at queues or streams: it gets sequences (page tables) and t
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 
 import torch
 
@@ -36,10 +38,31 @@ def make_attention_backend(cfg: EngineConfig):
     return TorchAttention()
 
 
+def _profiled(method):
+    """Time a public runner call into ``runner.profile`` when it is a dict (benchmarks): the device is synchronized
+    after the call, and its wall seconds are added to ``profile[name + "_s"]``."""
+    key = method.__name__ + "_s"
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if self.profile is None:
+            return method(self, *args, **kwargs)
+        start = time.perf_counter()
+        out = method(self, *args, **kwargs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.profile[key] = self.profile.get(key, 0.0) + time.perf_counter() - start
+        return out
+
+    return call
+
+
 class ModelRunner:
     def __init__(self, model: InfiniSSTModel, cfg: EngineConfig, num_pages: int):
         self.model = model
         self.cfg = cfg
+        # None, or a dict that encode_speech, prefill, decode and compact_many add their synchronized seconds to.
+        self.profile: dict[str, float] | None = None
         self.device = torch.device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
         self._use_graphs = self.device.type == "cuda" and cfg.attention_backend == "flashinfer" and cfg.cuda_graphs
@@ -78,6 +101,7 @@ class ModelRunner:
     def new_sequence(self) -> SequenceKV:
         return self.kv.new_sequence()
 
+    @_profiled
     @torch.inference_mode()
     def encode_speech(self, caches: list, samples: list) -> list[torch.Tensor]:
         """Speech embeddings [12k, H] per stream, each from its own speech cache."""
@@ -85,6 +109,7 @@ class ModelRunner:
         tensors = [torch.from_numpy(s) for s in samples]
         return self.model.speech.encode_chunks(caches, tensors, graphs=self.speech_graphs)
 
+    @_profiled
     @torch.inference_mode()
     def prefill(self, seqs: list[SequenceKV], parts: list[tuple[list[int], torch.Tensor, list[int]]]) -> torch.Tensor:
         """Append each sequence's turn prompt (prefix ids, speech rows, suffix ids); logits of its last token.
@@ -105,6 +130,7 @@ class ModelRunner:
             return self._replay_or_forward(seqs, torch.cat(embeds), lengths[0])
         return self._forward(seqs, torch.cat(embeds), lengths)
 
+    @_profiled
     @torch.inference_mode()
     def decode(self, seqs: list[SequenceKV], tokens: list[int]) -> torch.Tensor:
         """Feed one token to each sequence; logits [B, V] for the next token (a CUDA graph replay if one fits)."""
@@ -155,6 +181,7 @@ class ModelRunner:
         """Drop cached tokens [keep, cut) and re-rotate the tail (turn-aligned eviction)."""
         self.kv.compact(seq, keep, cut, self.model.llm.inv_freq)
 
+    @_profiled
     def compact_many(self, items: list[tuple[SequenceKV, int, int]]) -> None:
         """``compact(seq, keep, cut)`` for each item, batched (``PagedKVCache.compact_many``)."""
         self.kv.compact_many(items, self.model.llm.inv_freq)
