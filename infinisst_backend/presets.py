@@ -29,6 +29,12 @@ def _speech(channels: int, **fields) -> SpeechEncoderConfig:
     return SpeechEncoderConfig(conv_layers=conv, **fields)
 
 
+def tiny_speech_config(**fields) -> SpeechEncoderConfig:
+    """The tiny test model's speech encoder (16 channels, 2 layers of width 32, 120-frame window); ``fields``
+    override SpeechEncoderConfig fields."""
+    return _speech(16, **(dict(embed_dim=32, num_layers=2, num_heads=4, ffn_dim=64, max_cache_frames=120) | fields))
+
+
 def tiny_model_config(
     template: str = "chatml",
     architecture: str = "qwen2",
@@ -39,7 +45,6 @@ def tiny_model_config(
 ) -> ModelConfig:
     """A model small enough for CPU tests (2 layers each side, hidden 32). ``speech`` overrides
     SpeechEncoderConfig fields, ``llm`` LLMConfig fields (e.g. ``tie_word_embeddings``)."""
-    speech_fields = dict(embed_dim=32, num_layers=2, num_heads=4, ffn_dim=64, max_cache_frames=120) | (speech or {})
     llm_fields = (
         dict(
             architecture=architecture,
@@ -58,7 +63,7 @@ def tiny_model_config(
     )
     prompt = chatml_prompt() if template == "chatml" else PromptConfig()
     return ModelConfig(
-        speech_encoder=_speech(16, **speech_fields), llm=LLMConfig(**llm_fields), prompt=prompt, dtype=dtype
+        speech_encoder=tiny_speech_config(**(speech or {})), llm=LLMConfig(**llm_fields), prompt=prompt, dtype=dtype
     )
 
 

@@ -107,7 +107,7 @@ build_demo_checkpoint() {
     return
   fi
   hash=$(hash_files infinisst_backend/model/demo.py infinisst_backend/model/checkpoint.py infinisst_backend/config.py \
-    requirements-nodeps.txt)
+    infinisst_backend/presets.py requirements-nodeps.txt)
   if [ -f "$build/demo-checkpoint.stamp" ] && [ "$(cat "$build/demo-checkpoint.stamp")" = "$hash" ] \
     && [ -f "$ckpt/config.json" ] && [ "${SETUP_FORCE:-0}" != 1 ]; then
     return

@@ -7,27 +7,12 @@ import functools
 import numpy as np
 import torch
 
-from infinisst_backend.config import (
-    SAMPLE_RATE,
-    DecodingConfig,
-    EngineConfig,
-    LLMConfig,
-    ModelConfig,
-    PromptConfig,
-    SpeechEncoderConfig,
-)
+from infinisst_backend.config import SAMPLE_RATE, DecodingConfig, EngineConfig
 from infinisst_backend.engine.engine import Engine
 from infinisst_backend.engine.events import RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
-from infinisst_backend.model.demo import CHATML_SYSTEM_TEXT
 from infinisst_backend.model.infinisst import InfiniSSTModel
+from infinisst_backend.presets import tiny_model_config
 from infinisst_backend.text.tokenizers import add_infinisst_tokens, smollm2_tokenizer
-
-CHATML_PROMPT = dict(
-    template="chatml",
-    system_text=CHATML_SYSTEM_TEXT,
-    latency_tokens=[],
-    eos_tokens=["<|im_end|>", "<|endoftext|>"],
-)
 
 
 @functools.lru_cache(maxsize=2)
@@ -35,36 +20,6 @@ def tokenizer_for(template: str):
     tokenizer = smollm2_tokenizer()
     add_infinisst_tokens(tokenizer, template)
     return tokenizer
-
-
-def tiny_model_config(
-    template: str = "chatml", architecture: str = "qwen2", vocab_size: int = 0, dtype: str = "float64", **llm
-) -> ModelConfig:
-    """A model small enough for CPU tests; ``llm`` overrides LLMConfig fields (e.g. tie_word_embeddings)."""
-    prompt = PromptConfig(**CHATML_PROMPT) if template == "chatml" else PromptConfig()
-    speech = SpeechEncoderConfig(
-        conv_layers=[(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16, 2, 2)] * 2,
-        embed_dim=32,
-        num_layers=2,
-        num_heads=4,
-        ffn_dim=64,
-        max_cache_frames=120,
-    )
-    llm_fields = dict(
-        architecture=architecture,
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        rms_norm_eps=1e-6,
-        rope_theta=10_000.0,
-        attention_bias=architecture == "qwen2",
-    )
-    llm_fields.update(llm)
-    return ModelConfig(speech_encoder=speech, llm=LLMConfig(**llm_fields), prompt=prompt, dtype=dtype)
 
 
 def build_tiny_model(template: str = "chatml", dtype=torch.float64, seed: int = 0, eos_boost: float = 3.0):

@@ -23,10 +23,9 @@ from infinisst_backend.model.checkpoint import (  # noqa: E402
 )
 from infinisst_backend.model.infinisst import InfiniSSTModel  # noqa: E402
 from infinisst_backend.model.kv_cache import PagedKVCache  # noqa: E402
+from infinisst_backend.presets import demo_model_config, tiny_model_config  # noqa: E402
 from infinisst_backend.text.prompt import PromptBuilder  # noqa: E402
 from infinisst_backend.text.tokenizers import add_infinisst_tokens, smollm2_tokenizer  # noqa: E402
-
-from .support import tiny_model_config  # noqa: E402
 
 SPEECH_KEY = "model.speech_encoder.proj.weight"
 LLM_KEY = "model.layers.1.self_attn.k_proj.bias"
@@ -288,7 +287,7 @@ def test_demo_build_is_deterministic_and_idempotent(tmp_path):
         demo.main([str(first), "--seed", "1"])
 
     model, tok, cfg = load_checkpoint(first)
-    assert cfg == demo.demo_config(len(tok))
+    assert cfg == demo_model_config(len(tok))
     assert (cfg.llm.architecture, cfg.prompt.template, cfg.dtype) == ("qwen2", "chatml", "float32")
     head = model.llm.lm_head.weight
     eos = tok.convert_tokens_to_ids("<|im_end|>")

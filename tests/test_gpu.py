@@ -16,12 +16,11 @@ from infinisst_backend.config import (
     DecodingConfig,
     EngineConfig,
     LLMConfig,
-    ModelConfig,
-    PromptConfig,
     SpeechEncoderConfig,
 )
 from infinisst_backend.kernels.attention import AttentionBatch, TorchAttention
 from infinisst_backend.model.kv_cache import PagedKVCache
+from infinisst_backend.presets import gpu_test_model_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -130,34 +129,7 @@ def _tiny_tokenizer():
 def _tiny_model():
     from infinisst_backend.model.infinisst import InfiniSSTModel
 
-    speech = SpeechEncoderConfig(
-        conv_layers=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2,
-        embed_dim=64,
-        num_layers=2,
-        num_heads=4,
-        ffn_dim=128,
-        max_cache_frames=96,
-    )
-    llm = LLMConfig(
-        architecture="qwen2",
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=128,
-        rms_norm_eps=1e-6,
-        rope_theta=10_000.0,
-        attention_bias=True,
-    )
-    prompt = PromptConfig(
-        template="chatml",
-        system_text="Translate the following speeches from English to {language} as a simultaneous interpreter.",
-        latency_tokens=[],
-        eos_tokens=["<|im_end|>", "<|endoftext|>"],
-    )
-    cfg = ModelConfig(speech_encoder=speech, llm=llm, prompt=prompt, dtype="bfloat16")
+    cfg = gpu_test_model_config()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = InfiniSSTModel(cfg)

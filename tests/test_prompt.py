@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from infinisst_backend.config import PromptConfig  # noqa: E402
 from infinisst_backend.errors import InvalidArgument  # noqa: E402
+from infinisst_backend.presets import INTERPRETER_SYSTEM_TEXT, chatml_prompt  # noqa: E402
 from infinisst_backend.text.prompt import LLAMA3_DATE_TEXT, PromptBuilder, TurnPrompt  # noqa: E402
 from infinisst_backend.text.tokenizers import (  # noqa: E402
     INFINISST_TOKENS,
@@ -18,14 +19,6 @@ from infinisst_backend.text.tokenizers import (  # noqa: E402
     add_infinisst_tokens,
     smollm2_tokenizer,
 )
-
-CHATML_SYSTEM = "Translate the following speeches from English to {language} as a simultaneous interpreter."
-
-
-def chatml_config() -> PromptConfig:
-    return PromptConfig(
-        template="chatml", system_text=CHATML_SYSTEM, latency_tokens=[], eos_tokens=["<|im_end|>", "<|endoftext|>"]
-    )
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +121,9 @@ def test_llama3_later_turn_matches_reference_layout(m):
 @pytest.mark.parametrize("m", [1, 2])
 def test_chatml_first_and_later_turns(chatml_tok, m):
     tok = chatml_tok
-    pb = PromptBuilder(tok, chatml_config())
+    pb = PromptBuilder(tok, chatml_prompt())
     ims, ime, patch = ids(tok, "<|im_start|>", "<|im_end|>", "<sp_patch>")
-    text = CHATML_SYSTEM.format(language="Spanish")
+    text = INTERPRETER_SYSTEM_TEXT.format(language="Spanish")
     system = [ims, *enc(tok, "system\n" + text), ime, *enc(tok, "\n")]
     user = [ims, *enc(tok, "user\n")]
     suffix = [ime, *enc(tok, "\n"), ims, *enc(tok, "assistant\n")]
@@ -205,7 +198,7 @@ def test_missing_special_tokens_are_named(chatml_tok):
     with pytest.raises(ValueError, match=r"lacks.*<\|eot_id\|>.*<\|begin_of_text\|>"):
         PromptBuilder(chatml_tok, PromptConfig())  # llama3 template on a chatml-only tokenizer
     with pytest.raises(ValueError, match="<nope>"):
-        PromptBuilder(chatml_tok, dataclasses.replace(chatml_config(), speech_token="<nope>"))
+        PromptBuilder(chatml_tok, dataclasses.replace(chatml_prompt(), speech_token="<nope>"))
 
 
 def test_turn_prompt_input_ids():

@@ -17,16 +17,19 @@ from infinisst_backend.model.speech_encoder import (
     SpeechFrontend,
     chunk_attention_bias,
 )
+from infinisst_backend.presets import tiny_speech_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LLM_HIDDEN = 24
-CONV = [(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16, 2, 2)] * 2
 
 
 def tiny_config(**overrides) -> SpeechEncoderConfig:
-    base = dict(conv_layers=list(CONV), embed_dim=32, num_layers=2, num_heads=4, ffn_dim=64, max_cache_frames=100)
-    return SpeechEncoderConfig(**(base | overrides))
+    """The tiny test model's speech encoder with a 100-frame window."""
+    return tiny_speech_config(**({"max_cache_frames": 100} | overrides))
+
+
+CONV = tiny_config().conv_layers
 
 
 def build(cfg: SpeechEncoderConfig | None = None, seed: int = 0, dtype=torch.float64) -> SpeechFrontend:

@@ -18,18 +18,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from infinisst_backend.config import LLMConfig, ModelConfig, PromptConfig, SpeechEncoderConfig
+from infinisst_backend.config import ModelConfig
 from infinisst_backend.model.checkpoint import CONFIG_FILE, FORMAT, FORMAT_VERSION, REQUIRED_FILES, save_checkpoint
 from infinisst_backend.model.infinisst import InfiniSSTModel
+from infinisst_backend.presets import demo_model_config
 from infinisst_backend.text.tokenizers import add_infinisst_tokens, smollm2_tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Bump when the recipe below changes, so existing demo checkpoints are rebuilt.
+# Bump when the recipe (this file and presets.demo_model_config) changes, so existing demo checkpoints are rebuilt.
 DEMO_VERSION = 1
 MARKER_FILE = "demo.json"
 INIT_STD = 0.02
-CHATML_SYSTEM_TEXT = "Translate the following speeches from English to {language} as a simultaneous interpreter."
 # Multiplies the lm_head row of <|im_end|> (sign included) so that EOS wins at a fraction of the decode steps. An
 # unscaled random row never wins: its logit, ~N(0, 0.3), is far below the best of ~49k others (~1.4), and the
 # repetition penalty hits it in every turn (EOS is in every turn's prompt). Decode-time hidden states share a
@@ -40,40 +40,6 @@ CHATML_SYSTEM_TEXT = "Translate the following speeches from English to {language
 # Beam search penalizes log-probs, which costs EOS more: with beam 4 turns run to max_new_tokens. The dynamics
 # are chaotic in the scale (greedy m=1: -3.0: 7.0, -3.15: 6.3, -3.35: 4.5, -3.5: 2.9, -4: 1.6).
 EOS_ROW_SCALE = -3.25
-
-
-def demo_config(vocab_size: int) -> ModelConfig:
-    """The demo architecture (``vocab_size`` = length of the tokenizer)."""
-    speech = SpeechEncoderConfig(
-        conv_layers=[(128, 10, 5)] + [(128, 3, 2)] * 4 + [(128, 2, 2)] * 2,
-        embed_dim=256,
-        num_layers=4,
-        num_heads=4,
-        ffn_dim=1024,
-        rope_variant="interleaved",
-        max_cache_frames=576,
-    )
-    llm = LLMConfig(
-        architecture="qwen2",
-        vocab_size=vocab_size,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        rms_norm_eps=1e-6,
-        rope_theta=1_000_000.0,
-        tie_word_embeddings=False,
-        attention_bias=True,
-    )
-    prompt = PromptConfig(
-        template="chatml",
-        system_text=CHATML_SYSTEM_TEXT,
-        latency_tokens=[],
-        eos_tokens=["<|im_end|>", "<|endoftext|>"],
-    )
-    return ModelConfig(speech_encoder=speech, llm=llm, prompt=prompt, dtype="float32")
 
 
 def demo_tokenizer():
@@ -150,7 +116,7 @@ def build_demo_checkpoint(out_dir, seed: int = 0, force: bool = False) -> Path:
         if (out_dir / CONFIG_FILE).exists():
             raise ValueError(f"{out_dir} holds another checkpoint; pass force=True (--force) to overwrite it")
     tokenizer = demo_tokenizer()
-    cfg = demo_config(len(tokenizer))
+    cfg = demo_model_config(len(tokenizer))
     model = build_demo_model(cfg, tokenizer, seed)
     (out_dir / MARKER_FILE).unlink(missing_ok=True)  # the marker is written last: it vouches for the rest
     save_checkpoint(out_dir, model, cfg, tokenizer, dtype="float32")
