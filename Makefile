@@ -37,5 +37,11 @@ serve: setup
 perf: setup
 	bash scripts/perf_sweep.sh
 
+# A GPU model repository from model_repository/infinisst/config.pbtxt (python -m server_tools.gen_gpu_repo), e.g.
+#   make gpu-repo MODELS="en-de=/ckpt/en-de en-zh=/ckpt/en-zh" [GPUS=0,1] [OUT=build/gpu_repository]
+gpu-repo: setup
+	$(PY) -m server_tools.gen_gpu_repo --out $(or $(OUT),build/gpu_repository) $(foreach m,$(MODELS),--model $(m)) \
+		$(if $(GPUS),--gpus $(GPUS))
+
 clean:
 	rm -rf build

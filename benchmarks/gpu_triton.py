@@ -4,7 +4,7 @@ One command, on a machine with NVIDIA GPUs and tritonserver on PATH (``TRITON_BA
 the Python backend):
 
 1. writes a checkpoint with the paper's dimensions and random (dummy) bf16 weights (once; ``--checkpoint``);
-2. writes a GPU model repository with ``client.gen_gpu_repo`` (one KIND_GPU instance per GPU of ``--gpus``) with
+2. writes a GPU model repository with ``server_tools.gen_gpu_repo`` (one KIND_GPU instance per GPU of ``--gpus``) with
    the benchmark-only parameter ``benchmark_forced_turn_seed`` (dummy weights never end a turn by themselves);
 3. starts tritonserver, and for each N of ``--streams``: N real-time streams over gRPC (``client.api``), staggered
    over the first chunk period, each sending one 0.96 s chunk per period for ``--seconds``; chunk latency is what
@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client.api import StreamingClient  # noqa: E402
-from client.gen_gpu_repo import write as write_repository  # noqa: E402
-from client.server import TritonServer, metric_values  # noqa: E402
+from server_tools.gen_gpu_repo import write as write_repository  # noqa: E402
+from server_tools.metrics import metric_values  # noqa: E402
+from server_tools.tritonserver import TritonServer  # noqa: E402
 
 P95_LIMIT_S, P99_LIMIT_S = 0.5, 1.0
 SAMPLES_PER_UNIT = 15_360

@@ -29,7 +29,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -443,22 +443,3 @@ def _add_input(request, name: str, datatype: str, shape: list[int], raw: bytes) 
     tensor.datatype = datatype
     tensor.shape.extend(shape)
     request.raw_input_contents.append(raw)
-
-
-@dataclass(slots=True)
-class Percentiles:
-    """p50/p90/p99 and max of a list of seconds (empty lists give None)."""
-
-    values: list[float] = field(default_factory=list)
-
-    def summary(self) -> dict[str, float | None]:
-        if not self.values:
-            return {"n": 0, "p50": None, "p90": None, "p99": None, "max": None}
-        v = np.asarray(self.values)
-        return {
-            "n": len(v),
-            "p50": float(np.percentile(v, 50)),
-            "p90": float(np.percentile(v, 90)),
-            "p99": float(np.percentile(v, 99)),
-            "max": float(v.max()),
-        }

@@ -16,16 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
+from .stats import percentiles
 
 SAMPLE_RATE = 16_000
-
-
-def _percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p90": None, "p95": None, "p99": None}
-    v = np.asarray(values)
-    return {f"p{q}": float(np.percentile(v, q)) for q in (50, 90, 95, 99)}
 
 
 def _first_text_time(request: dict) -> int | None:
@@ -66,8 +59,8 @@ def summarize(profile: dict) -> list[dict]:
                 "requests_without_response": missing,
                 "requests_per_s": len(requests) / span if span else None,
                 "audio_seconds_per_s": audio / span if span else None,
-                "first_response": _percentiles(first),
-                "last_response": _percentiles(last),
+                "first_response": percentiles(first, count=False, maximum=False),
+                "last_response": percentiles(last, count=False, maximum=False),
             }
         )
     return rows

@@ -16,8 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-from .api import SAMPLE_RATE, AudioStream, Percentiles, StreamingClient, StreamResult, TextPiece
+from .api import SAMPLE_RATE, AudioStream, StreamingClient, StreamResult, TextPiece
 from .audio import load_audio, split_pieces
+from .stats import percentiles
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,15 +59,17 @@ def report(names: list[str], results: list[StreamResult], realtime: bool) -> str
     for name, r in zip(names, results):
         lines.append(f"[{name}] {r.text}")
         lines += [f"[{name}] ERROR {e.message}" for e in r.errors]
-    first = Percentiles([r.first_response_s for r in results if r.first_response_s is not None])
-    chunk = Percentiles([x for r in results for x in r.chunk_latencies()])
-    rows = [("first response (from 1st request)", first), ("chunk latency", chunk)]
+    first = [r.first_response_s for r in results if r.first_response_s is not None]
+    rows = [
+        ("first response (from 1st request)", first),
+        ("chunk latency", [x for r in results for x in r.chunk_latencies()]),
+    ]
     if realtime:
-        rows.append(("text delay (computation-aware)", Percentiles([x for r in results for x in r.text_delays()])))
+        rows.append(("text delay (computation-aware)", [x for r in results for x in r.text_delays()]))
     lines.append("")
     lines.append(f"== latency over {len(results)} stream(s)")
-    for label, p in rows:
-        s = p.summary()
+    for label, values in rows:
+        s = percentiles(values, (50, 90, 99))
         lines.append(
             f"{label:34s} n={s['n']:<4d} p50={format_seconds(s['p50'])}  p90={format_seconds(s['p90'])}  "
             f"p99={format_seconds(s['p99'])}  max={format_seconds(s['max'])}"

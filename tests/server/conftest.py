@@ -19,8 +19,9 @@ import pytest
 
 from client.api import StreamingClient, StreamResult
 from client.audio import load_audio, sample_file
+from server_tools.model_config import config_parameters
 
-from .harness import DEMO_CHECKPOINT, MODEL_DIR, TritonServer, config_parameters, write_repository
+from .harness import DEMO_CHECKPOINT, MODEL_DIR, TritonServer, write_repository
 
 MAIN = {
     "dtype": "float64",

@@ -8,38 +8,16 @@ import sys
 import time
 from pathlib import Path
 
-from client import server
-from client.server import metric_values
-from client.soak import process_cmdlines
+from server_tools import tritonserver
+from server_tools.metrics import metric_values
+from server_tools.model_config import rewrite_config
+from server_tools.processes import process_cmdlines
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "model_repository" / "infinisst"
 TRITONSERVER = Path(sys.prefix) / "bin" / "tritonserver"  # the wrapper scripts/setup.sh writes into the venv
 PERF_ANALYZER = Path(sys.prefix) / "bin" / "perf_analyzer"
 DEMO_CHECKPOINT = ROOT / "build" / "demo_checkpoint"
-
-_PARAM = re.compile(r'(\{ key: "(\w+)" value: \{ string_value: ")([^"]*)(" \} \})')
-
-
-def config_parameters(text: str) -> dict[str, str]:
-    """The ``parameters`` of a config.pbtxt written in this repository's one-line style."""
-    return {m.group(2): m.group(3) for m in _PARAM.finditer(text)}
-
-
-def rewrite_config(text: str, name: str, overrides: dict[str, str]) -> str:
-    """config.pbtxt with another model name and some parameter values replaced (or added)."""
-    text = re.sub(r'^name: "[^"]*"', f'name: "{name}"', text, count=1, flags=re.M)
-    missing = dict(overrides)
-
-    def replace(m: re.Match) -> str:
-        value = missing.pop(m.group(2), m.group(3))
-        return f"{m.group(1)}{value}{m.group(4)}"
-
-    text = _PARAM.sub(replace, text)
-    if missing:
-        extra = ",\n".join(f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in missing.items())
-        text = re.sub(r"\n\]\s*$", f",\n{extra}\n]\n", text)
-    return text
 
 
 def write_repository(dst: Path, models: dict[str, dict[str, str]], triton_idle_s: float | None = None) -> Path:
@@ -59,7 +37,7 @@ def write_repository(dst: Path, models: dict[str, dict[str, str]], triton_idle_s
     return dst
 
 
-class TritonServer(server.TritonServer):
+class TritonServer(tritonserver.TritonServer):
     """The venv's tritonserver (scripts/setup.sh's wrapper) on CPU, for the server tests: a model that fails to
     load does not stop it (one of the tests)."""
 

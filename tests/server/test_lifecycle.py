@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from client.api import StreamingClient
+from server_tools.metrics import metric_values
 
 from .conftest import MAIN, SPEECH, speech
-from .harness import TritonServer, metric_values, write_repository
+from .harness import TritonServer, write_repository
 
 pytestmark = pytest.mark.server
 

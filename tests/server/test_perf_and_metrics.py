@@ -11,9 +11,10 @@ import pytest
 from client import perf_data, perf_report
 from client.api import StreamingClient
 from client.audio import sample_file
+from server_tools.metrics import metric_values
 
 from .conftest import MAIN, SPEECH, speech
-from .harness import PERF_ANALYZER, metric_values
+from .harness import PERF_ANALYZER
 
 pytestmark = pytest.mark.server
 

@@ -1,4 +1,5 @@
-"""The short soak: `python -m client.soak` against the CPU demo configuration at about twice its real-time capacity."""
+"""The short soak: `python -m server_tools.soak` against the CPU demo configuration at about twice its real-time
+capacity."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ DURATION_S = 15  # under load, after a warm-up as long; with the references and 
 # glibc keeps freed heap memory and raises its mmap threshold as large blocks come and go, so a fresh server's
 # RSS climbs for about a minute of heavy load whether or not anything leaks (reliability.md). With a fixed
 # threshold, blocks over 2 MB (batch activations) go back to the system when freed and RSS follows live memory
-# within a short test; the product and `python -m client.soak` (warm-up as long as the load) do not need it.
+# within a short test; the product and `python -m server_tools.soak` (warm-up as long as the load) do not need it.
 ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(2 * 1024 * 1024)}
 
 
@@ -39,7 +40,7 @@ def demo_server(tmp_path_factory):
 def test_short_soak_loses_nothing_and_leaks_nothing(demo_server, tmp_path):
     report_path = tmp_path / "soak.json"
     command = [
-        sys.executable, "-m", "client.soak",
+        sys.executable, "-m", "server_tools.soak",
         "--url", demo_server.grpc_url,
         "--metrics-url", f"http://127.0.0.1:{demo_server.metrics_port}/metrics",
         "--server-pid", str(demo_server.process.pid),

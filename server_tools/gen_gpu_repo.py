@@ -1,12 +1,13 @@
 """Write a GPU model repository: one model per language-pair checkpoint, one KIND_GPU instance per GPU.
 
-    python -m client.gen_gpu_repo --out build/gpu_repository --model en-de=/ckpt/en-de --model en-zh=/ckpt/en-zh \\
-        [--gpus 0,1,2,3] [--set beam_size=4 --set default_latency_multiplier=2 ...]
+    python -m server_tools.gen_gpu_repo --out build/gpu_repository --model en-de=/ckpt/en-de \\
+        --model en-zh=/ckpt/en-zh [--gpus 0,1,2,3] [--set beam_size=4 --set default_latency_multiplier=2 ...]
 
 ``--model NAME=CHECKPOINT`` makes the model ``infinisst_<NAME>`` (``-`` becomes ``_``) whose default target
 language is the part of NAME after the last ``-``; a bare ``--model CHECKPOINT`` makes the model ``infinisst``.
-Each model directory gets ``config.pbtxt`` from client/templates/config.pbtxt.in (``${var}`` fields) and a copy
-of model_repository/infinisst/1/model.py. Serve it with
+Each model directory gets a copy of model_repository/infinisst/1/model.py and a ``config.pbtxt`` that is
+model_repository/infinisst/config.pbtxt (the one source of the model's configuration, comments included) with one
+KIND_GPU instance per GPU, the GPU values of :data:`GPU_DEFAULTS` and the ``--set`` values. Serve it with
 ``tritonserver --model-repository OUT`` (inside Dockerfile.triton's image, or with this repository's venv).
 
 KV memory: with ``num_pages`` 0 each instance sizes its pool from the GPU memory free when it loads, times
@@ -22,45 +23,37 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from string import Template
 
-TEMPLATE = Path(__file__).parent / "templates" / "config.pbtxt.in"
-MODEL_PY = Path(__file__).resolve().parents[1] / "model_repository" / "infinisst" / "1" / "model.py"
+from server_tools.model_config import CONFIG, MODEL_PY, config_parameters, rewrite_config
 
-# GPU defaults for every template field except name, checkpoint, instance_groups and default_language.
+# Where a GPU repository differs from model_repository/infinisst/config.pbtxt (the CPU demo configuration); every
+# other value is that file's. Keys: its parameters, and Triton's fields by the names of TRITON_FIELDS.
 GPU_DEFAULTS = {
     "triton_max_batch_size": "256",
-    "max_sequence_idle_microseconds": "600000000",
-    "max_candidate_sequences": "4096",
     "dtype": "bfloat16",
     "attention_backend": "flashinfer",
-    "cuda_graphs": "true",
-    "kv_cache_dtype": "auto",
-    "fused_kernels": "true",
-    "share_system_prompt": "true",
-    "decode_tensor_cores": "false",
     "engine_max_batch_size": "256",
     "max_prefill_tokens": "8192",
     "batch_timeout_s": "0.05",
-    "scheduling": "iteration",
-    "page_size": "16",
     "num_pages": "0",
     "kv_memory_fraction": "0.75",
     "max_streams": "512",
-    "max_llm_cache_tokens": "1000",
-    "default_latency_multiplier": "1",
-    "beam_size": "1",
-    "repetition_penalty": "1.2",
-    "no_repeat_ngram_size": "5",
-    "encoder_no_repeat_ngram_size": "5",
-    "ngram_lookback": "100",
-    "max_request_seconds": "60",
-    "stream_idle_timeout_s": "600",
-    "metrics_interval_s": "1.0",
-    "cancel_poll_interval_s": "0.1",
-    "shutdown_timeout_s": "20",
-    "benchmark_forced_turn_seed": "",
 }
+# --set keys for Triton's own fields -> their names in config.pbtxt
+TRITON_FIELDS = {
+    "triton_max_batch_size": "max_batch_size",
+    "max_sequence_idle_microseconds": "max_sequence_idle_microseconds",
+    "max_candidate_sequences": "max_candidate_sequences",
+}
+HEADER = """\
+# Written by `python -m server_tools.gen_gpu_repo` from model_repository/infinisst/config.pbtxt, whose comments below
+# say what each field means: one KIND_GPU instance per GPU, the GPU values of server_tools/gen_gpu_repo.py.
+"""
+
+
+def known_keys(source: str) -> list[str]:
+    """What ``--set`` may set: the source's parameters (but the checkpoint, one per model) and Triton's fields."""
+    return [*TRITON_FIELDS, *(k for k in config_parameters(source) if k != "checkpoint")]
 
 
 def parse_model(spec: str) -> tuple[str, Path, str | None]:
@@ -96,13 +89,21 @@ def instance_groups(gpus: list[int]) -> str:
     return ",\n".join(f"  {{ count: 1 kind: KIND_GPU gpus: [ {g} ] }}" for g in gpus)
 
 
-def render(name: str, checkpoint: Path, language: str | None, gpus: list[int], overrides: dict[str, str]) -> str:
-    values = {**GPU_DEFAULTS, "default_language": language or "German", **overrides}
-    values.update(name=name, checkpoint=str(checkpoint), instance_groups=instance_groups(gpus))
-    try:
-        return Template(TEMPLATE.read_text()).substitute(values)
-    except KeyError as e:
-        raise ValueError(f"the template needs a value for {e.args[0]!r} (--set {e.args[0]}=...)") from None
+def render(
+    name: str,
+    checkpoint: Path,
+    language: str | None,
+    gpus: list[int],
+    overrides: dict[str, str],
+    source: str | None = None,
+) -> str:
+    """The GPU config.pbtxt of one model: ``source`` (default: model_repository/infinisst/config.pbtxt's text) with
+    its leading comment, name, instance group and the values of GPU_DEFAULTS and ``overrides`` replaced."""
+    source = CONFIG.read_text() if source is None else source
+    values = {**GPU_DEFAULTS, "default_language": language or "German", **overrides, "checkpoint": str(checkpoint)}
+    fields = {TRITON_FIELDS[k]: values.pop(k) for k in list(values) if k in TRITON_FIELDS}
+    body = source[re.search(r"^name:", source, flags=re.M).start() :]  # without the file's own leading comment
+    return HEADER + rewrite_config(body, name, values, fields, instance_groups(gpus), add_missing=False)
 
 
 def write(out: Path, models: list[tuple[str, Path, str | None]], gpus: list[int], overrides: dict[str, str]) -> None:
@@ -111,9 +112,11 @@ def write(out: Path, models: list[tuple[str, Path, str | None]], gpus: list[int]
     names = [m[0] for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must differ, got {names}")
-    unknown = sorted(set(overrides) - set(GPU_DEFAULTS) - {"default_language"})
+    source = CONFIG.read_text()
+    known = known_keys(source)
+    unknown = sorted(set(overrides) - set(known))
     if unknown:
-        raise ValueError(f"unknown --set key(s) {unknown}; known: {sorted([*GPU_DEFAULTS, 'default_language'])}")
+        raise ValueError(f"unknown --set key(s) {unknown}; known: {sorted(known)}")
     if "kv_memory_fraction" not in overrides and len(models) > 1:
         overrides = {
             **overrides,
@@ -124,16 +127,22 @@ def write(out: Path, models: list[tuple[str, Path, str | None]], gpus: list[int]
             raise ValueError(f"no checkpoint at {checkpoint} (config.json missing)")
         model_dir = out / name
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
-        (model_dir / "config.pbtxt").write_text(render(name, checkpoint, language, gpus, overrides))
+        (model_dir / "config.pbtxt").write_text(render(name, checkpoint, language, gpus, overrides, source))
         shutil.copy(MODEL_PY, model_dir / "1" / "model.py")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.gen_gpu_repo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m server_tools.gen_gpu_repo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="model repository folder to write")
     parser.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT (repeat) or CHECKPOINT")
     parser.add_argument("--gpus", default=None, help="comma-separated GPU indices (default: all from nvidia-smi)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a template field")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a value of config.pbtxt (a parameter, or triton_max_batch_size, ...)",
+    )
     args = parser.parse_args(argv)
     try:
         gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else detect_gpus()

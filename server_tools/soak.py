@@ -1,6 +1,6 @@
 """Soak test of a running server: real-time speakers with real audio plus perf_analyzer, for a chosen duration.
 
-    python -m client.soak --duration 60 [--url localhost:8001] [--metrics-url http://localhost:8002/metrics]
+    python -m server_tools.soak --duration 60 [--url localhost:8001] [--metrics-url http://localhost:8002/metrics]
         [--speakers 21] [--perf-rate 6] [--json build/soak.json]
 
 In order:
@@ -46,9 +46,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import perf_data, perf_report
-from .api import SAMPLE_RATE, StreamingClient
-from .audio import load_audio, sample_file, split_pieces
+from client import perf_data, perf_report
+from client.api import SAMPLE_RATE, StreamingClient
+from client.audio import load_audio, sample_file, split_pieces
+from client.stats import percentiles
+from server_tools.metrics import model_metric
+from server_tools.processes import find_server_pid, process_tree
 
 # Bundled speech (pytest-audioeval), joined three by three into talks of ~6-11 s, with a target language each.
 SPEECH = [
@@ -285,83 +288,6 @@ class PerfRun:
 # ---------------------------------------------------------------------------------------------- server figures
 
 
-def metric_samples(text: str, name: str) -> dict[str, float]:
-    """Samples of one metric from Prometheus text: {label string: value}."""
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            head, _, value = line.rpartition(" ")
-            if head == name or head[len(name)] == "{":
-                out[head[len(name) :]] = float(value)
-    return out
-
-
-def model_metric(text: str, name: str, model: str) -> float:
-    """One metric summed over the model's instances."""
-    return sum(v for labels, v in metric_samples(text, name).items() if f'model="{model}"' in labels)
-
-
-def process_cmdlines() -> list[tuple[int, list[bytes]]]:
-    """(pid, argv) of every process readable in /proc."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            out.append((int(entry.name), (entry / "cmdline").read_bytes().split(b"\0")))
-        except OSError:
-            continue
-    return out
-
-
-def find_server_pid(grpc_port: int) -> int | None:
-    """The local tritonserver whose command line names this gRPC port (or the only one, if it names none)."""
-    candidates = []
-    for pid, argv in process_cmdlines():
-        if argv and argv[0].endswith(b"tritonserver"):
-            args = [a.decode(errors="replace") for a in argv]
-            ports = [a.split("=", 1)[1] for a in args if a.startswith("--grpc-port=")]
-            candidates.append((pid, ports))
-    exact = [pid for pid, ports in candidates if ports == [str(grpc_port)]]
-    if exact:
-        return exact[0]
-    default = [pid for pid, ports in candidates if not ports and grpc_port == 8001]
-    return default[0] if len(default) == 1 else None
-
-
-def process_tree(pid: int) -> list[dict]:
-    """pid and its descendants: [{pid, name, rss_mb, threads}] from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    tree, frontier = [pid], [pid]
-    while frontier:
-        children = [p for p, parent in parents.items() if parent in frontier]
-        tree += children
-        frontier = children
-    out = []
-    for p in tree:
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        out.append(
-            {
-                "pid": p,
-                "name": fields["Name"].strip(),
-                "rss_mb": int(fields.get("VmRSS", "0 kB").split()[0]) / 1024,
-                "threads": int(fields.get("Threads", "0")),
-            }
-        )
-    return out
-
-
 @dataclass(slots=True)
 class Snapshot:
     """The server's figures at one moment."""
@@ -407,14 +333,6 @@ def drain(metrics_url: str, model: str, pid: int | None, timeout: float, settle_
 
 
 # ---------------------------------------------------------------------------------------------- the soak
-
-
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    """n, p50/p90/p95/p99 and max of a list of seconds."""
-    if not values:
-        return {"n": 0, "p50": None, "p90": None, "p95": None, "p99": None, "max": None}
-    v = np.asarray(values)
-    return {"n": len(v), **{f"p{q}": float(np.percentile(v, q)) for q in (50, 90, 95, 99)}, "max": float(v.max())}
 
 
 def summarize(outcomes: list[StreamOutcome]) -> dict:
@@ -570,7 +488,7 @@ def format_report(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m client.soak", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m server_tools.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=60.0, help="seconds under load (default %(default)s)")
     parser.add_argument("--url", default="localhost:8001", help="Triton gRPC address (default %(default)s)")
     parser.add_argument("--metrics-url", default=None, help="metrics endpoint (default http://HOST:8002/metrics)")

@@ -37,16 +37,6 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def metric_values(text: str, name: str) -> dict[str, float]:
-    """Samples of one metric from Prometheus text: {label string: value}."""
-    values = {}
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            head, _, value = line.rpartition(" ")
-            values[head[len(name) :]] = float(value)
-    return values
-
-
 class TritonServer:
     """One tritonserver on free loopback ports.
 
@@ -119,6 +109,7 @@ class TritonServer:
         return json.loads(self._http("POST", "/v2/repository/index", b"{}"))
 
     def metrics(self) -> str:
+        """The server's metrics as Prometheus text (parse them with :func:`server_tools.metrics.metric_values`)."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             return response.read().decode()
