@@ -10,8 +10,8 @@ then writes its new K/V into the pages and runs the planned kernel:
   to the bottom right, so query ``i`` of a sequence sits at position ``kv_len - q_len + i`` and sees the cached
   positions ``<=`` its own: the interface's semantics.
 
-Keys arrive already rotated by our own RoPE (the model's compact positions, design note "RoPE and eviction"
-option (b)), so the kernels run with ``pos_encoding_mode="NONE"``. The cache layout is FlashInfer's NHD,
+Keys arrive already rotated by our own RoPE (the model's compact positions, docs/model.md's design note "RoPE and
+eviction", option (b)), so the kernels run with ``pos_encoding_mode="NONE"``. The cache layout is FlashInfer's NHD,
 ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` per layer, K at index 0 and V at 1. Both wrappers share
 one float workspace, allocated once: a step runs only one of them.
 

@@ -2,9 +2,9 @@
 
 Per layer the reference ops launch about 44 kernels, and at decode batch sizes most of them are tiny: each RMSNorm is
 eight (cast, square, mean, add, rsqrt, product, cast, weight), each RoPE seven per tensor (four products, a sum, a
-difference, a concatenation), writing K/V into the pages two more, SwiGLU two, and the residual adds. On an H100 they
-took 2.9 of a decode step's 10.6 ms of kernel time at 32 rows, as much as the attention (``benchmarks/profile_llm.py``).
-Three kernels replace them:
+difference, a concatenation), writing K/V into the pages two more, SwiGLU two, and the residual adds. Together they
+cost a decode step as much kernel time as its attention (measured with ``benchmarks/profile_llm.py``; figures in
+docs/benchmarks/notes.md). Three kernels replace them:
 
 * :func:`rms_norm`: the norm of a row, optionally after adding the residual branch (``h + a``, whose sum it also
   returns);

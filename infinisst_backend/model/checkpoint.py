@@ -1,4 +1,4 @@
-"""The checkpoint directory format (design.md "Checkpoint directory").
+"""The checkpoint directory format (docs/design.md "Checkpoint directory").
 
 ::
 

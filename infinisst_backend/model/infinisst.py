@@ -29,7 +29,7 @@ class InfiniSSTModel(nn.Module):
         self.speech = SpeechFrontend(cfg.speech_encoder, cfg.llm.hidden_size)
 
     def checkpoint_state_dict(self) -> dict[str, Tensor]:
-        """The state dict under the released key names (docs/model.md §1.2; design.md "Checkpoint directory").
+        """The state dict under the released key names (docs/model.md §1.2; docs/design.md "Checkpoint directory").
 
         LLM names as is, speech names prefixed ``model.speech_encoder.``; ``lm_head.weight`` is left out when
         the head is tied to the embeddings. Tensors are the module's own (not copies).

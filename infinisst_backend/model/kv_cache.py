@@ -8,7 +8,7 @@
   turn-aligned eviction :meth:`PagedKVCache.compact` (of many sequences at once: ``compact_many``).
 
 Token ``t`` of a sequence lives in page ``pages[t // page_size]`` at offset ``t % page_size``; its flat slot
-id is ``page * page_size + offset``. Keys are stored rotated at position ``t`` (design.md "Paged KV").
+id is ``page * page_size + offset``. Keys are stored rotated at position ``t`` (docs/design.md "Paged KV").
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ class PagedKVCache:
         self.data[:, dst] = self.data[:, src]
 
     def compact(self, seq: SequenceKV, keep: int, cut: int, inv_freq: Tensor) -> None:
-        """Evict tokens ``keep .. cut - 1`` of ``seq`` (docs/model.md §5.4, design.md "Paged KV").
+        """Evict tokens ``keep .. cut - 1`` of ``seq`` (docs/model.md §5.4, docs/design.md "Paged KV").
 
         Tokens ``0 .. keep - 1`` stay in place; tokens ``cut .. num_tokens - 1`` move down to start at ``keep``
         and their keys are re-rotated by ``-(cut - keep)`` positions, so each key is rotated at its new index.

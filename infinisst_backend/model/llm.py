@@ -170,7 +170,7 @@ class Backbone(nn.Module):
 
 
 class LLM(nn.Module):
-    """Llama / Qwen2 decoder over a :class:`PagedKVCache` (design.md "Paged KV")."""
+    """Llama / Qwen2 decoder over a :class:`PagedKVCache` (docs/design.md "Paged KV")."""
 
     def __init__(self, cfg: LLMConfig):
         super().__init__()

@@ -20,7 +20,7 @@ from torch import Tensor
 from infinisst_backend.config import LLMConfig
 
 # The table covers this many positions before it first grows. Positions are compact cache indices, which the
-# eviction window keeps near S + 1000 + one turn (design.md "Paged KV").
+# eviction window keeps near S + 1000 + one turn (docs/design.md "Paged KV").
 _INITIAL_POSITIONS = 4096
 
 
