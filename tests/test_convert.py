@@ -29,7 +29,7 @@ from infinisst_backend.kernels.attention import AttentionBatch, TorchAttention  
 from infinisst_backend.model import convert as conv  # noqa: E402
 from infinisst_backend.model.checkpoint import load_checkpoint  # noqa: E402
 from infinisst_backend.model.kv_cache import PagedKVCache  # noqa: E402
-from infinisst_backend.model.speech_encoder import SpeechFrontend  # noqa: E402
+from infinisst_backend.model.speech_frontend import SpeechFrontend  # noqa: E402
 from infinisst_backend.text.prompt import PromptBuilder  # noqa: E402
 from infinisst_backend.text.tokenizers import CHATML_SPECIAL_TOKENS, LLAMA3_SPECIAL_TOKENS, smollm2_tokenizer  # noqa: E402
 

@@ -5,8 +5,6 @@ Run on a GPU machine with ``python -m pytest -m gpu tests/test_gpu.py``.
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -19,13 +17,14 @@ from infinisst_backend.config import (
     SpeechEncoderConfig,
 )
 from infinisst_backend.kernels.attention import AttentionBatch, TorchAttention
+from infinisst_backend.kernels.availability import installed
 from infinisst_backend.model.kv_cache import PagedKVCache
 from infinisst_backend.presets import gpu_test_model_config
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="needs flashinfer"),
+    pytest.mark.skipif(not installed("flashinfer"), reason="needs flashinfer"),
 ]
 
 PAGE = 16
@@ -270,8 +269,8 @@ def test_encoder_cuda_graphs_match_eager():
     """Steady-state speech encoder calls replayed from CUDA graphs == the eager path in bf16: batches of 3 and 11
     streams padded up to buckets 4 and 16, two m (two replays) in one call, a stream out of block phase, host samples
     as the engine passes them. The real slots' pool rows match; no other slot (an idle stream's, free ones) changes."""
-    from infinisst_backend.model.speech_encoder import SpeechFrontend
-    from infinisst_backend.runtime.encoder_graphs import EncoderGraphs
+    from infinisst_backend.model.speech_frontend import SpeechFrontend
+    from infinisst_backend.runtime.encoder_graphs import EncoderGraphs, encode_chunks
 
     cfg = _small_encoder_config(embed_dim=128, num_layers=3, num_heads=2)  # head_dim 64
     torch.manual_seed(0)
@@ -306,7 +305,7 @@ def test_encoder_cuda_graphs_match_eager():
         xs = [chunk(ms[i]) for i in members]
         before = graph_pool.data.clone()
         replays = graphs.replays
-        got = frontend.encode_chunks([graph[i] for i in members], xs, graphs=graphs)
+        got = encode_chunks(frontend, [graph[i] for i in members], xs, graphs)
         want = frontend.encode_chunks([eager[i] for i in members], xs)
         for i, g, w in zip(members, got, want):
             assert g.shape == w.shape == (12 * ms[i], 256) and torch.isfinite(g).all()
@@ -330,7 +329,7 @@ def test_encoder_cuda_graphs_match_eager():
 def _young_and_old_streams(frontend, chunks: list, ms: list[int], graphed: bool):
     """Six chunks of each stream, stream 2 starting two chunks late (its young windows batched with full ones), eagerly
     or through encoder graphs of ``ms``'s multipliers. Returns (embeddings, every stream's cache K/V stacked)."""
-    from infinisst_backend.runtime.encoder_graphs import EncoderGraphs
+    from infinisst_backend.runtime.encoder_graphs import EncoderGraphs, encode_chunks
 
     pool = frontend.new_pool(4)
     graphs = EncoderGraphs(frontend, pool, max_batch=4, multipliers=sorted(set(ms))) if graphed else None
@@ -340,7 +339,7 @@ def _young_and_old_streams(frontend, chunks: list, ms: list[int], graphed: bool)
         live = [i for i in range(3) if k >= 2 * (i == 2)]
         size = [SAMPLES_PER_UNIT * ms[i] for i in live]
         xs = [chunks[i][(k - 2 * (i == 2)) * n :][:n] for i, n in zip(live, size)]
-        outs.extend(frontend.encode_chunks([caches[i] for i in live], xs, graphs=graphs))
+        outs.extend(encode_chunks(frontend, [caches[i] for i in live], xs, graphs))
     torch.cuda.synchronize()
     return outs, torch.cat([torch.stack(c.keys + c.values) for c in caches])
 
@@ -353,7 +352,7 @@ def test_window_kernel_is_bit_exact_in_bf16(monkeypatch, variant):
     pytest.importorskip("triton")
     from infinisst_backend.kernels import window_kernel
     from infinisst_backend.model import speech_encoder
-    from infinisst_backend.model.speech_encoder import SpeechFrontend
+    from infinisst_backend.model.speech_frontend import SpeechFrontend
 
     monkeypatch.setattr(speech_encoder, "WINDOW_ATTENTION", False)  # the K/V kernel alone (the next test: both)
     cfg = _small_encoder_config(embed_dim=256, num_layers=2, num_heads=4, rope_variant=variant)  # head_dim 64
@@ -396,7 +395,7 @@ def test_window_attention_kernel_close_to_reference_in_bf16(monkeypatch, variant
     pytest.importorskip("triton")
     from infinisst_backend.kernels import window_kernel
     from infinisst_backend.model import speech_encoder
-    from infinisst_backend.model.speech_encoder import SpeechFrontend
+    from infinisst_backend.model.speech_frontend import SpeechFrontend
 
     cfg = _small_encoder_config(embed_dim=256, num_layers=2, num_heads=4, rope_variant=variant)  # head_dim 64
     torch.manual_seed(0)

@@ -36,10 +36,10 @@ def test_random_interleavings_match_alone_and_full(monkeypatch, window, variant)
     model = build(tiny_config(max_cache_frames=window, rope_variant=variant))
     rng = np.random.default_rng(window)
     groups = []
-    encode_group = model._encode_group
+    encode_group = model.encode_group
     monkeypatch.setattr(
         model,
-        "_encode_group",
+        "encode_group",
         lambda caches, chunks: (
             groups.append(([c.frames_encoded for c in caches], caches[0].frames_cached)),
             encode_group(caches, chunks),
@@ -133,7 +133,7 @@ def test_failed_call_leaves_every_cache_unchanged(monkeypatch):
 
     # A failure after some groups were encoded: their results were not written yet.
     encoded = []
-    encode_group = model._encode_group
+    encode_group = model.encode_group
 
     def fail_third(group, chunks):
         encoded.append(len(group))
@@ -141,7 +141,7 @@ def test_failed_call_leaves_every_cache_unchanged(monkeypatch):
             raise RuntimeError("injected")
         return encode_group(group, chunks)
 
-    monkeypatch.setattr(model, "_encode_group", fail_third)
+    monkeypatch.setattr(model, "encode_group", fail_third)
     with pytest.raises(RuntimeError, match="injected"):
         model.encode_chunks(caches, good)
     assert len(encoded) == 3
@@ -272,8 +272,8 @@ def test_streams_of_any_age_form_one_group(monkeypatch, variant):
     assert {c.frames_encoded % 96 for m, _, c, _ in streams if m == 2} == {0, 48}
 
     groups = []
-    encode_group = model._encode_group
-    monkeypatch.setattr(model, "_encode_group", lambda c, x: (groups.append(len(c)), encode_group(c, x))[1])
+    encode_group = model.encode_group
+    monkeypatch.setattr(model, "encode_group", lambda c, x: (groups.append(len(c)), encode_group(c, x))[1])
     outs = model.encode_chunks([c for _, _, c, _ in streams], [chunks[-1] for _, chunks, _, _ in streams])
     assert sorted(groups) == [1, 5, 15]  # m=1 first chunk, m=2 (two phases, four ages), m=1 ages 1..15
     monkeypatch.undo()
@@ -294,7 +294,7 @@ def test_encoder_graph_buffers_match_eager():
     """The CUDA-graph path's static buffers, run without graphs (capture=False, CPU float64): full chunks take it,
     first ones included, padded up to a bucket and split above the largest, next to eager groups in the same call;
     the outputs and caches equal the eager path's, and no slot outside the batch changes."""
-    from infinisst_backend.runtime.encoder_graphs import EncoderGraphs, encoder_buckets
+    from infinisst_backend.runtime.encoder_graphs import EncoderGraphs, encode_chunks, encoder_buckets
 
     assert encoder_buckets(1) == [1] and encoder_buckets(30) == [1, 2, 4, 8, 16, 24, 30]
     assert encoder_buckets(300)[-4:] == [128, 192, 256, 300]
@@ -317,7 +317,7 @@ def test_encoder_graph_buffers_match_eager():
         before = pool.data.clone()
         xs = [audio(n, seed=seed + i) for i, n in zip(members, sizes)]
         count = graphs.replays
-        got = model.encode_chunks([caches[i] for i in members], xs, graphs=graphs)
+        got = encode_chunks(model, [caches[i] for i in members], xs, graphs)
         expected = model.encode_chunks([eager[i] for i in members], xs)
         assert graphs.replays - count == replays
         for a, b in zip(got, expected):

@@ -9,14 +9,10 @@ import pytest
 import torch
 
 from infinisst_backend.config import SAMPLES_PER_UNIT, SpeechEncoderConfig
-from infinisst_backend.model import speech_encoder
-from infinisst_backend.model.speech_encoder import (
-    HalfRotary,
-    InterleavedRotary,
-    SpeechCache,
-    SpeechFrontend,
-    chunk_attention_bias,
-)
+from infinisst_backend.model import speech_encoder, speech_frontend
+from infinisst_backend.model.speech_cache import SpeechCache
+from infinisst_backend.model.speech_encoder import HalfRotary, InterleavedRotary, chunk_attention_bias
+from infinisst_backend.model.speech_frontend import SpeechFrontend
 from infinisst_backend.presets import tiny_speech_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -308,7 +304,7 @@ def test_bad_input_raises_and_leaves_cache_unchanged():
 def test_encode_chunks_equals_one_by_one(monkeypatch, max_eager_batch, max_cnn_batch):
     """Several streams in one call (two share a batch, or are split when batches hold one stream; the CNN in pieces
     of one stream or not) give the same outputs and caches as separate calls."""
-    monkeypatch.setattr(speech_encoder, "MAX_EAGER_BATCH", max_eager_batch)
+    monkeypatch.setattr(speech_frontend, "MAX_EAGER_BATCH", max_eager_batch)
     monkeypatch.setattr(speech_encoder, "MAX_CNN_BATCH", max_cnn_batch)
     model = build()
     histories = [(1, 3, 30), (1, 3, 40), (2, 1, 50), (1, 0, 60)]  # (m, chunks already encoded, seed)
@@ -422,22 +418,3 @@ def test_cnn_tail_is_the_receptive_overlap_for_layer_norm_only():
     for seed in range(3):
         grouped.encode_chunk(cache, audio(SAMPLES_PER_UNIT, seed=seed))
         assert cache.audio_tail.numel() == 399 + 320 * 48
-
-
-@pytest.mark.parametrize("m", [1, 2])
-def test_fused_attention_experiment_matches_the_reference(monkeypatch, m):
-    """The switch speech_encoder.FUSED_ATTENTION (off; an experiment for GPUs) computes the same attention with one
-    fused kernel: in float64 it equals the reference arithmetic, streaming (masked young windows, full ones) and
-    offline, and the caches it writes are the same."""
-    from infinisst_backend.model import speech_encoder
-
-    model = build()
-    samples = audio(SAMPLES_PER_UNIT * (5 * m) + 777, seed=3)  # past the 100-frame window, a partial last chunk
-    reference, ref_cache = stream(model, samples, m)
-    full_reference = model.encode_full(samples, m)
-    monkeypatch.setattr(speech_encoder, "FUSED_ATTENTION", True)
-    fused, fused_cache = stream(model, samples, m)
-    torch.testing.assert_close(torch.cat(fused), torch.cat(reference), rtol=0, atol=1e-10)
-    torch.testing.assert_close(model.encode_full(samples, m), full_reference, rtol=0, atol=1e-10)
-    for a, b in zip(fused_cache.keys + fused_cache.values, ref_cache.keys + ref_cache.values):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

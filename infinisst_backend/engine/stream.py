@@ -65,7 +65,7 @@ class Stream:
     m: int
     decoding: DecodingConfig
     separator: str
-    speech_cache: Any  # speech_encoder.SpeechCache
+    speech_cache: Any  # speech_cache.SpeechCache
     kv: Any  # kv_cache.SequenceKV: the committed LLM cache (turns so far)
     detok: Any  # detokenizer.IncrementalDetokenizer
     reserved_pages: int

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from infinisst_backend.config import ModelConfig
 from infinisst_backend.model.llm import LLM
-from infinisst_backend.model.speech_encoder import SpeechFrontend
+from infinisst_backend.model.speech_frontend import SpeechFrontend
 
 # Speech keys are stored under this prefix in a checkpoint (docs/model.md §1.2); the LLM's keys are stored as is.
 SPEECH_PREFIX = "model.speech_encoder."

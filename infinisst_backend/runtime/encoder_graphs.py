@@ -2,7 +2,10 @@
 
 An encoder call (:meth:`SpeechFrontend.encode_chunks`) is bound by the host at serving batch sizes: for wav2vec 2.0
 Large, ~800 kernel launches (CNN, 24 layers with their cache gathers, adapter, projection) plus the Python around
-them, ~20 ms even for one stream. :class:`EncoderGraphs` captures a group's whole pass for every full chunk of a
+them, whatever the batch size (docs/benchmarks/notes.md).
+
+:func:`encode_chunks` decides, stream by stream, graph or eager (as the model runner does for the LLM steps), and
+:class:`EncoderGraphs` captures a group's whole pass for every full chunk of a
 latency multiplier m (15360*m samples after a full CNN tail, and a cache window of ``max_cache_frames`` rows, those
 before the stream's start masked) once per batch-size bucket, and replays it. With the paper's CNN a stream's first
 chunk has that shape too: its tail is the 399-sample zero prefix, and all of its window is masked.
@@ -42,15 +45,9 @@ import torch
 from torch import Tensor
 
 from infinisst_backend.config import MAX_LATENCY_MULTIPLIER, SAMPLES_PER_UNIT
-from infinisst_backend.model.speech_encoder import (
-    SpeechCache,
-    SpeechCachePool,
-    SpeechFrontend,
-    _accumulate_dtype,
-    _check_multiplier,
-    _GroupUpdate,
-    window_kernel_passes,
-)
+from infinisst_backend.model.speech_cache import CacheUpdate, SpeechCache, SpeechCachePool
+from infinisst_backend.model.speech_encoder import accumulate_dtype, check_multiplier, window_kernel_passes
+from infinisst_backend.model.speech_frontend import SpeechFrontend
 from infinisst_backend.runtime.llm_graphs import capture_graph
 
 logger = logging.getLogger(__name__)
@@ -85,11 +82,50 @@ class _Shape:
     kv: Tensor  # [layers, 2, max, num_new, H, D] output, a view of the K/V storage shared by every m
 
 
+@torch.inference_mode()
+def encode_chunks(
+    frontend: SpeechFrontend, caches: list[SpeechCache], samples_list: list[Tensor], graphs: EncoderGraphs | None
+) -> list[Tensor]:
+    """:meth:`SpeechFrontend.encode_chunks` where ``graphs`` can: the streams whose chunk a graph :meth:`fits
+    <EncoderGraphs.fits>` (full chunks of a captured m, later ones and first ones with the paper's CNN) run as
+    replays, grouped by m, at most ``graphs.max_batch`` each; the others run eagerly. As there, every input is
+    validated before any cache changes, and caches are updated only after all are encoded."""
+    if graphs is not None and graphs.frontend is not frontend:
+        raise ValueError("the encoder graphs were captured for another SpeechFrontend")
+    units = frontend.check_chunks(caches, samples_list)
+    graphed: dict[int, list[int]] = {}  # by m (first and later chunks share a graph, and so a replay)
+    eager: list[int] = []
+    for i, (cache, samples) in enumerate(zip(caches, samples_list)):
+        if graphs is not None and graphs.fits(cache, samples):
+            graphed.setdefault(cache.m, []).append(i)
+        else:
+            eager.append(i)
+    outputs: list[Tensor | None] = [None] * len(caches)
+    embeds, updates = frontend.encode_eager(
+        [caches[i] for i in eager], [samples_list[i] for i in eager], [units[i] for i in eager]
+    )
+    for i, out in zip(eager, embeds):
+        outputs[i] = out
+    pending: CacheUpdate | None = None  # the last replay's update: it reads the graphs' static outputs
+    for members in graphed.values():
+        for begin in range(0, len(members), graphs.max_batch):
+            part = members[begin : begin + graphs.max_batch]
+            if pending is not None:
+                pending.own()  # the next replay overwrites the static outputs
+            embeds, pending = graphs.run([caches[i] for i in part], [samples_list[i] for i in part])
+            for j, i in enumerate(part):
+                outputs[i] = embeds[j]
+            updates.append(pending)
+    for update in updates:
+        update.apply()
+    return outputs
+
+
 class EncoderGraphs:
     """CUDA graphs of :class:`SpeechFrontend`'s steady-state group pass over ``pool``, one per (m, batch bucket).
 
-    Pass it to :meth:`SpeechFrontend.encode_chunks` (``graphs=``): the streams that :meth:`fits` run through
-    :meth:`run`. Every graph is captured up front (largest first, sharing one memory pool), so serving never captures.
+    :func:`encode_chunks` runs the streams that :meth:`fits` through :meth:`run`. Every graph is captured up front
+    (largest first, sharing one memory pool), so serving never captures.
     """
 
     def __init__(
@@ -114,7 +150,7 @@ class EncoderGraphs:
         cfg = frontend.cfg
         multipliers = range(1, MAX_LATENCY_MULTIPLIER + 1) if multipliers is None else multipliers
         for m in multipliers:
-            _check_multiplier(m)
+            check_multiplier(m)
         self.frontend = frontend
         self.pool = pool
         self._data = pool.data
@@ -129,7 +165,7 @@ class EncoderGraphs:
         # Staging, host and device alike: [slots, frames encoded] int64 [2, max], then the chunks' samples in the
         # staging dtype (float32, or float64 for a float64 model: the graph rounds them to the model dtype, as the
         # eager path does).
-        self._stage_dtype = _accumulate_dtype(dtype)
+        self._stage_dtype = accumulate_dtype(dtype)
         itemsize = torch.empty(0, dtype=self._stage_dtype).element_size()
         self._idx_bytes = 2 * biggest * 8
         max_chunk = SAMPLES_PER_UNIT * max(self.multipliers, default=0)
@@ -148,7 +184,7 @@ class EncoderGraphs:
         def kv_shape(num_new: int) -> tuple[int, ...]:
             return (cfg.num_layers, 2, biggest, num_new, cfg.num_heads, cfg.head_dim)
 
-        # One K/V output for every m (a call's second replay first copies the previous one out: _GroupUpdate.own).
+        # One K/V output for every m (a call's second replay first copies the previous one out: CacheUpdate.own).
         kv_numel = math.prod(kv_shape(cfg.block_size * max(self.multipliers, default=0)))
         self._kv = torch.empty(kv_numel, dtype=dtype, device=device)
         self._shapes: dict[int, _Shape] = {}
@@ -193,7 +229,7 @@ class EncoderGraphs:
             return cache.frames_encoded == 0 and shape.tail_len == self.frontend.prefix_samples
         return cache.audio_tail.numel() == shape.tail_len and cache.frames_encoded > 0
 
-    def run(self, caches: list[SpeechCache], samples: list[Tensor]) -> tuple[Tensor, _GroupUpdate]:
+    def run(self, caches: list[SpeechCache], samples: list[Tensor]) -> tuple[Tensor, CacheUpdate]:
         """Encode streams that all :meth:`fit` with the same m, at most :attr:`max_batch`: (embeddings
         [S, 12*m, llm_hidden], a copy; the group's update). The update reads the static outputs: apply it, or
         ``own()`` it, before the next run. Nothing of the caches or the pool changes here, except that streams at their
@@ -238,7 +274,7 @@ class EncoderGraphs:
         self.replays += 1
 
         tails = s.audio[:n, -s.tail_len :].clone()  # the new CNN tails, one block for the group
-        update = _GroupUpdate(
+        update = CacheUpdate(
             caches=list(caches),
             audio_tails=list(tails.unbind(0)),
             num_new=s.num_new,
@@ -257,10 +293,10 @@ class EncoderGraphs:
         audio[:, : s.tail_len].copy_(s.tails[:rows])
         audio[:, s.tail_len :].copy_(s.chunks[:rows])  # rounded to the model dtype, as the eager path does
         frontend = self.frontend
-        read_rows, bias, write_rows = frontend._window_inputs(self.pool, slots, starts, s.num_new, m, self.window)
-        # Per-stream compact positions (as _encode_group gives streams younger than the window; (W, 0) for the others)
+        read_rows, bias, write_rows = frontend.window_inputs(self.pool, slots, starts, s.num_new, m, self.window)
+        # Per-stream compact positions (as encode_group gives streams younger than the window; (W, 0) for the others)
         held = starts.clamp(max=self.window)[:, None]
-        embeds, present = frontend._encode_window(
+        embeds, present = frontend.encode_window(
             audio, s.num_new, self.pool, read_rows, bias, (held, held - self.window)
         )
         s.embeds[:rows].copy_(embeds)

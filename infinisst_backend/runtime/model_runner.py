@@ -17,6 +17,7 @@ from infinisst_backend.kernels import llm_kernels
 from infinisst_backend.kernels.attention import AttentionBatch, TorchAttention
 from infinisst_backend.model.infinisst import InfiniSSTModel
 from infinisst_backend.model.kv_cache import PagedKVCache, SequenceKV
+from infinisst_backend.runtime.encoder_graphs import MAX_GRAPH_BATCH, EncoderGraphs, encode_chunks
 from infinisst_backend.runtime.llm_graphs import scratch_pages_needed
 
 logger = logging.getLogger(__name__)
@@ -93,8 +94,6 @@ class ModelRunner:
         # prefill-sized batches).
         self.speech_graphs = None
         if self.device.type == "cuda" and cfg.cuda_graphs:
-            from infinisst_backend.runtime.encoder_graphs import MAX_GRAPH_BATCH, EncoderGraphs  # GPU only
-
             max_batch = min(cfg.max_batch_size, MAX_GRAPH_BATCH)
             self.speech_graphs = EncoderGraphs(model.speech, self.speech_pool, max_batch, GRAPH_MULTIPLIERS)
 
@@ -107,7 +106,7 @@ class ModelRunner:
         """Speech embeddings [12k, H] per stream, each from its own speech cache."""
         # Host tensors: the frontend moves them (a CUDA-graph group stages them all with one copy).
         tensors = [torch.from_numpy(s) for s in samples]
-        return self.model.speech.encode_chunks(caches, tensors, graphs=self.speech_graphs)
+        return encode_chunks(self.model.speech, caches, tensors, self.speech_graphs)
 
     @_profiled
     @torch.inference_mode()
