@@ -36,7 +36,7 @@ def interpreted(monkeypatch):
     """Kernels built from here on run in Triton's interpreter (on CPU tensors)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     llm_kernels._kernels.cache_clear()
-    monkeypatch.setattr(llm_kernels, "_disabled", None)
+    monkeypatch.setattr(llm_kernels._switch, "reason", None)
     yield
     llm_kernels._kernels.cache_clear()
 

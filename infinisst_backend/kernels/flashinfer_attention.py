@@ -27,6 +27,7 @@ from torch import Tensor
 
 from infinisst_backend.config import EngineConfig
 from infinisst_backend.kernels.attention import AttentionBackend, AttentionBatch
+from infinisst_backend.kernels.availability import import_flashinfer
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +50,7 @@ class FlashInferAttention(AttentionBackend):
         decode_tensor_cores: bool = False,
         scale: float | None = None,
     ):
-        try:
-            import flashinfer
-        except ImportError as e:  # a clear message instead of a bare ImportError deep in the engine
-            raise RuntimeError(
-                "attention_backend='flashinfer' needs the flashinfer-python package (0.2.14.post1) and a CUDA GPU "
-                f"({type(e).__name__}: {e})"
-            ) from e
+        flashinfer = import_flashinfer()
         self.device = torch.device(cfg.device)
         if self.device.type != "cuda":
             raise ValueError(f"attention_backend='flashinfer' needs a CUDA device, got device={cfg.device!r}")

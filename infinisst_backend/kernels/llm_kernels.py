@@ -38,13 +38,18 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor
 
-from infinisst_backend.kernels.window_kernel import interpreting, triton_importable
+from infinisst_backend.kernels.availability import (
+    TRITON_DTYPES,
+    KernelSwitch,
+    pow2_dim,
+    triton_importable,
+    triton_runs_on,
+)
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _PASSES: ContextVar[bool] = ContextVar("llm_fused_passes", default=False)
-_disabled: str | None = None
+_switch = KernelSwitch("LLM fused kernels", logger)  # off once a kernel failed here (see disable)
 
 
 @functools.cache
@@ -192,26 +197,23 @@ def fused_passes() -> Iterator[None]:
 
 def active(x: Tensor) -> bool:
     """Whether the LLM's layers should use the fused kernels for activations like ``x`` right now."""
-    return _PASSES.get() and _disabled is None and (x.is_cuda or interpreting()) and x.dtype in _DTYPES
+    return _PASSES.get() and _switch.on and triton_runs_on(x)
 
 
 def disable(reason: str) -> None:
     """Stop using the kernels in this process; the reference ops serve from now on."""
-    global _disabled
-    if _disabled is None:
-        logger.warning("LLM fused kernels disabled, using the separate torch ops: %s", reason)
-    _disabled = reason
+    _switch.disable(reason)
 
 
 def ready(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Compile and run each kernel once on a small input on ``device``; on failure :func:`disable` them. Returns
     whether they are usable."""
-    if _disabled is not None:
+    if not _switch.on:
         return False
     if not triton_importable():
         disable("triton is not installed")
         return False
-    if dtype not in _DTYPES:
+    if dtype not in TRITON_DTYPES:
         return False
     try:
         x = torch.randn(2, 64, device=device, dtype=dtype)
@@ -313,15 +315,7 @@ def silu_mul(gate_up: Tensor, block: int = 1024) -> Tensor:
 
 def move_tokens_usable(data: Tensor) -> bool:
     """Whether :func:`move_tokens` handles a KV cache like ``data``."""
-    dim = data.shape[-1]
-    return (
-        _disabled is None
-        and (data.is_cuda or interpreting())
-        and data.dtype in _DTYPES
-        and dim >= 2
-        and not dim & (dim - 1)
-        and data.is_contiguous()
-    )
+    return _switch.on and triton_runs_on(data) and pow2_dim(data.shape[-1]) and data.is_contiguous()
 
 
 def move_tokens_ready(data: Tensor) -> bool:

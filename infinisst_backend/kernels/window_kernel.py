@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
 from torch import Tensor
 
+from infinisst_backend.kernels.availability import KernelSwitch, pow2_dim, triton_importable, triton_runs_on
+
 logger = logging.getLogger(__name__)
 
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_disabled: str | None = None  # why the kernel stopped being used in this process (see disable)
+_switch = KernelSwitch("speech encoder window kernel", logger)  # off once the kernel failed here (see disable)
 
 
 @functools.cache
@@ -119,34 +119,16 @@ def _attention_kernel():
     return window_attention_kernel
 
 
-@functools.cache
-def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def interpreting() -> bool:
-    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1``): the kernel then runs on CPU tensors too (tests)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def usable(x: Tensor, head_dim: int) -> bool:
     """Whether :func:`window_keys_values` runs for tensors like ``x``: a CUDA tensor (any tensor under Triton's
     interpreter) of a supported dtype, a power-of-two head dim, and Triton importable."""
-    shape_ok = x.dtype in _DTYPES and head_dim >= 2 and head_dim & (head_dim - 1) == 0
-    return _disabled is None and (x.is_cuda or interpreting()) and shape_ok and triton_importable()
+    return _switch.on and triton_runs_on(x) and pow2_dim(head_dim) and triton_importable()
 
 
 def disable(reason: str) -> None:
     """Stop using the kernel in this process (e.g. Triton could not compile it here: no writable cache folder, no
     compiler); :func:`usable` says False from now on, and callers keep their reference path."""
-    global _disabled
-    if _disabled is None:
-        logger.warning("speech encoder window kernel disabled, using the separate torch ops: %s", reason)
-    _disabled = reason
+    _switch.disable(reason)
 
 
 def window_keys_values(
