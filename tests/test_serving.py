@@ -16,7 +16,7 @@ import pytest
 from infinisst_backend.config import SAMPLE_RATE, EngineConfig
 from infinisst_backend.engine.events import RequestDone, StreamError, StreamFinished, TextDelta, TurnEnded
 from infinisst_backend.errors import CapacityError, InvalidArgument, UnknownStream
-from infinisst_backend.serving import serving
+from infinisst_backend.serving import metrics, parameters, requests, responses
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_PY = ROOT / "model_repository" / "infinisst" / "1" / "model.py"
@@ -188,14 +188,14 @@ def test_config_pbtxt_parameters_are_all_known_and_valid(tmp_path):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text("{}")
     keys["checkpoint"] = "ckpt"
-    cfg = serving.serving_config_from_parameters(keys, "cpu", tmp_path)
+    cfg = parameters.serving_config_from_parameters(keys, "cpu", tmp_path)
     assert cfg.checkpoint == tmp_path / "ckpt"
     assert cfg.engine.max_batch_size == int(keys["engine_max_batch_size"])
     assert cfg.engine.decoding.beam_size == int(keys["beam_size"])
     assert cfg.engine.stream_idle_timeout_s == float(keys["stream_idle_timeout_s"])
     assert cfg.metrics_interval_s == float(keys["metrics_interval_s"])
     # no EngineConfig / DecodingConfig field is missing from the shipped file
-    assert set(serving.PARAMETERS) <= set(keys)
+    assert set(parameters.PARAMETERS) <= set(keys)
 
 
 @pytest.fixture
@@ -215,7 +215,7 @@ def test_config_values_are_converted_and_defaults_kept(ckpt):
         "beam_size": "",  # empty: default
         "EXECUTION_ENV_PATH": "/somewhere",  # Triton's own keys are ignored
     }
-    cfg = serving.serving_config_from_parameters(params, "cuda:1", Path("/nonexistent"))
+    cfg = parameters.serving_config_from_parameters(params, "cuda:1", Path("/nonexistent"))
     assert cfg.checkpoint == ckpt
     assert cfg.engine.device == "cuda:1"
     assert cfg.engine.max_batch_size == 8
@@ -248,8 +248,8 @@ def test_config_values_are_converted_and_defaults_kept(ckpt):
     ],
 )
 def test_config_errors_name_the_parameter(ckpt, key, value, named):
-    with pytest.raises(serving.ConfigError) as info:
-        serving.serving_config_from_parameters({"checkpoint": str(ckpt), key: value}, "cpu", ckpt)
+    with pytest.raises(parameters.ConfigError) as info:
+        parameters.serving_config_from_parameters({"checkpoint": str(ckpt), key: value}, "cpu", ckpt)
     assert named in str(info.value)
 
 
@@ -257,11 +257,11 @@ def test_forced_turn_seed_parameter(ckpt):
     """Benchmark-only forced turn lengths: empty is off, else a seed; the same seed draws the same lengths."""
     from infinisst_backend.engine.forced_turns import TurnLengths
 
-    assert serving.parse_forced_turn_seed("") is None and serving.parse_forced_turn_seed(" 7 ") == 7
-    cfg = serving.serving_config_from_parameters(
+    assert parameters.parse_forced_turn_seed("") is None and parameters.parse_forced_turn_seed(" 7 ") == 7
+    cfg = parameters.serving_config_from_parameters(
         {"checkpoint": str(ckpt), "benchmark_forced_turn_seed": "3"}, "cpu", ckpt
     )
-    assert serving.parse_forced_turn_seed(cfg.benchmark_forced_turn_seed) == 3
+    assert parameters.parse_forced_turn_seed(cfg.benchmark_forced_turn_seed) == 3
     a, b = TurnLengths(3), TurnLengths(3)
     draws = [a.draw(1, 10) for _ in range(200)]
     assert draws == [b.draw(1, 10) for _ in range(200)]
@@ -271,39 +271,39 @@ def test_forced_turn_seed_parameter(ckpt):
 
 def test_fault_injection_parameter_and_hook(ckpt):
     """Test-only fault injection: "ID" or "ID@N"; the hook raises in the N-th step of each stream of those ids."""
-    assert serving.parse_fault_ids("") == {} and serving.parse_fault_ids(" 7 , 9@3,") == {"7": 1, "9": 3}
-    cfg = serving.serving_config_from_parameters(
+    assert parameters.parse_fault_ids("") == {} and parameters.parse_fault_ids(" 7 , 9@3,") == {"7": 1, "9": 3}
+    cfg = parameters.serving_config_from_parameters(
         {"checkpoint": str(ckpt), "test_fault_sequence_ids": "5@2"}, "cpu", ckpt
     )
     assert cfg.test_fault_sequence_ids == "5@2"
-    hook = serving.FaultInjector(serving.parse_fault_ids("5@2"))
-    first, second, other = serving.StreamKey(5, 1), serving.StreamKey(5, 2), serving.StreamKey(6, 3)
+    hook = parameters.FaultInjector(parameters.parse_fault_ids("5@2"))
+    first, second, other = requests.StreamKey(5, 1), requests.StreamKey(5, 2), requests.StreamKey(6, 3)
     for _ in range(5):
         hook(other)  # other ids never fail
     hook(first)
-    with pytest.raises(serving.InjectedFault, match="decoding step 2 of sequence 5"):
+    with pytest.raises(parameters.InjectedFault, match="decoding step 2 of sequence 5"):
         hook(first)
     hook(second)  # a new stream under the same id counts from 1 again
-    with pytest.raises(serving.InjectedFault):
+    with pytest.raises(parameters.InjectedFault):
         hook(second)
     assert hook._steps == {}  # nothing kept for failed streams
 
 
 def test_checkpoint_path_relative_absolute_and_missing(ckpt):
     root = ckpt.parent
-    assert serving.resolve_checkpoint("c", root) == ckpt
-    assert serving.resolve_checkpoint(str(ckpt), Path("/elsewhere")) == ckpt
+    assert parameters.resolve_checkpoint("c", root) == ckpt
+    assert parameters.resolve_checkpoint(str(ckpt), Path("/elsewhere")) == ckpt
     for bad in ("missing", ""):
-        with pytest.raises(serving.ConfigError, match="'checkpoint'"):
-            serving.serving_config_from_parameters({"checkpoint": bad}, "cpu", root)
+        with pytest.raises(parameters.ConfigError, match="'checkpoint'"):
+            parameters.serving_config_from_parameters({"checkpoint": bad}, "cpu", root)
 
 
 def test_parameters_from_model_config_and_device():
     model_config = {"parameters": {"a": {"string_value": "1"}, "b": {"string_value": ""}}}
-    assert serving.parameters_from_model_config(model_config) == {"a": "1", "b": ""}
-    assert serving.parameters_from_model_config({}) == {}
-    assert serving.device_for_instance({"model_instance_kind": "GPU", "model_instance_device_id": "3"}) == "cuda:3"
-    assert serving.device_for_instance({"model_instance_kind": "CPU", "model_instance_device_id": "0"}) == "cpu"
+    assert parameters.parameters_from_model_config(model_config) == {"a": "1", "b": ""}
+    assert parameters.parameters_from_model_config({}) == {}
+    assert parameters.device_for_instance({"model_instance_kind": "GPU", "model_instance_device_id": "3"}) == "cuda:3"
+    assert parameters.device_for_instance({"model_instance_kind": "CPU", "model_instance_device_id": "0"}) == "cpu"
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -311,11 +311,11 @@ def test_parameters_from_model_config_and_device():
 
 def test_parse_request_reads_flags_and_optional_inputs():
     audio = np.linspace(-1, 1, 7, dtype=np.float32)
-    r = serving.parse_request(FakeRequest(5, flags=3, audio=audio, language=" de ", multiplier=2), PB)
-    assert (r.corrid, r.start, r.end, r.language, r.latency_multiplier) == (5, True, True, "de", 2)
+    r = requests.parse_request(FakeRequest(5, flags=3, audio=audio, language=" de ", multiplier=2), PB)
+    assert (r.end, r.language, r.latency_multiplier) == (True, "de", 2)
     np.testing.assert_array_equal(r.audio, audio)
-    r = serving.parse_request(FakeRequest(6, flags=0, audio=np.zeros(0)), PB)
-    assert (r.start, r.end, r.language, r.latency_multiplier, r.audio.shape) == (False, False, None, None, (0,))
+    r = requests.parse_request(FakeRequest(6, flags=0, audio=np.zeros(0)), PB)
+    assert (r.end, r.language, r.latency_multiplier, r.audio.shape) == (False, None, None, (0,))
 
 
 @pytest.mark.parametrize(
@@ -331,11 +331,11 @@ def test_parse_request_reads_flags_and_optional_inputs():
 )
 def test_parse_request_rejects_bad_inputs(request_, message):
     with pytest.raises(InvalidArgument, match=message):
-        serving.parse_request(request_, PB)
+        requests.parse_request(request_, PB)
 
 
 def test_registry_keys_restart_and_forget():
-    registry = serving.StreamRegistry()
+    registry = requests.StreamRegistry()
     with pytest.raises(UnknownStream, match="start a new sequence"):
         registry.lookup(7)
     first, previous = registry.start(7)
@@ -349,10 +349,10 @@ def test_registry_keys_restart_and_forget():
 
 
 def test_error_codes_and_messages():
-    assert serving.triton_code("NOT_FOUND") == "INVALID_ARG"
-    assert serving.triton_code("UNAVAILABLE") == "UNAVAILABLE"
-    assert serving.triton_code("whatever") == "INTERNAL"
-    err = serving.triton_error(PB, "NOT_FOUND", "stream 3 is not open")
+    assert responses.triton_code("NOT_FOUND") == "INVALID_ARG"
+    assert responses.triton_code("UNAVAILABLE") == "UNAVAILABLE"
+    assert responses.triton_code("whatever") == "INTERNAL"
+    err = responses.triton_error(PB, "NOT_FOUND", "stream 3 is not open")
     assert err.code == FakeTritonError.INVALID_ARG and err.message() == "INVALID_ARG: stream 3 is not open"
 
 
@@ -360,20 +360,20 @@ def test_error_codes_and_messages():
 
 
 def handle(key, sender=None):
-    return serving.RequestHandle(key, sender or FakeSender())
+    return responses.RequestHandle(key, sender or FakeSender())
 
 
 def send_all(book):
     for out in book.collect():
-        serving.send(out, PB)
+        responses.send(out, PB)
 
 
 def test_book_orders_merges_and_numbers_responses():
-    book, key = serving.ResponseBook(), serving.StreamKey(1, 1)
+    book, key = responses.ResponseBook(), requests.StreamKey(1, 1)
     a, b, c = handle(key), handle(key), handle(key)
     for h in (a, b, c):
         book.submit(h)
-    book.apply(serving.Rejected(c, "INVALID_ARG", "bad audio"))  # rejected at once, but behind a and b
+    book.apply(responses.Rejected(c, "INVALID_ARG", "bad audio"))  # rejected at once, but behind a and b
     book.apply(TextDelta(key, a, "Hal", 0.96))
     book.apply(TextDelta(key, a, "lo", 0.96))
     send_all(book)
@@ -391,8 +391,8 @@ def test_book_orders_merges_and_numbers_responses():
 
 
 def test_book_streams_are_independent_and_errors_final_once():
-    book = serving.ResponseBook()
-    k1, k2 = serving.StreamKey(1, 1), serving.StreamKey(2, 2)
+    book = responses.ResponseBook()
+    k1, k2 = requests.StreamKey(1, 1), requests.StreamKey(2, 2)
     h1, h2, h3 = handle(k1), handle(k2), handle(k1)
     for h in (h1, h2, h3):
         book.submit(h)
@@ -414,13 +414,13 @@ def test_book_streams_are_independent_and_errors_final_once():
 def test_book_index_is_gap_free_across_requests_with_random_events():
     """Random interleavings of text, done and rejection: per stream, indices 0..n-1 in send order, text intact."""
     rng = np.random.default_rng(0)
-    book, key = serving.ResponseBook(), serving.StreamKey(9, 1)
+    book, key = responses.ResponseBook(), requests.StreamKey(9, 1)
     handles = [handle(key) for _ in range(30)]
     expected = []
     for i, h in enumerate(handles):
         book.submit(h)
         if rng.random() < 0.2:
-            book.apply(serving.Rejected(h, "INVALID_ARG", f"bad {i}"))
+            book.apply(responses.Rejected(h, "INVALID_ARG", f"bad {i}"))
             continue
         for _ in range(int(rng.integers(0, 3))):
             t = f"<{i}.{rng.integers(100)}>"
@@ -447,10 +447,10 @@ def test_book_index_is_gap_free_across_requests_with_random_events():
 
 def test_metrics_update():
     FAMILIES.clear()
-    metrics = serving.Metrics(PB, {"model": "m", "instance": "i"})
+    recorder = metrics.Metrics(PB, {"model": "m", "instance": "i"})
     stats = {"active_streams": 3, "pending_chunks": 2, "kv_pages_used": 10, "kv_pages_free": 90, "generated_tokens": 7}
-    metrics.update(stats, [("prefill", 2), ("decode", 5), ("decode", 1)], [0.25, 0.5])
-    metrics.update({**stats, "generated_tokens": 12}, [], [])
+    recorder.update(stats, [("prefill", 2), ("decode", 5), ("decode", 1)], [0.25, 0.5])
+    recorder.update({**stats, "generated_tokens": 12}, [], [])
     assert FAMILIES["infinisst_active_streams"].metrics[0].values[-1] == ("set", 3.0)
     assert FAMILIES["infinisst_kv_pages_free"].metrics[0].values[-1] == ("set", 90.0)
     assert FAMILIES["infinisst_generated_tokens_total"].metrics[0].values == [("inc", 7.0), ("inc", 5.0)]
@@ -674,25 +674,25 @@ def test_model_restart_cancellation_and_shutdown(model_module, ckpt):
 
 
 def test_book_restarted_stream_errors_say_why():
-    book = serving.ResponseBook()
-    key = serving.StreamKey(3, 1)
-    handle = serving.RequestHandle(key, FakeSender())
+    book = responses.ResponseBook()
+    key = requests.StreamKey(3, 1)
+    handle = responses.RequestHandle(key, FakeSender())
     book.submit(handle)
-    book.apply(serving.Restarted(key, "stream 3 was cancelled: a new START request arrived for its sequence id"))
+    book.apply(responses.Restarted(key, "stream 3 was cancelled: a new START request arrived for its sequence id"))
     book.apply(StreamError(key, handle, "CANCELLED", "stream 3 was cancelled"))
     book.apply(StreamFinished(key, "cancelled"))
     out = book.collect()
     assert [o.kind for o in out] == ["error", "final"]
     assert out[0].message.endswith("a new START request arrived for its sequence id")
     assert book._cancel_reasons == {}  # forgotten with the stream
-    book.apply(serving.Restarted(key, "too late"))  # the stream is gone already: nothing is kept
+    book.apply(responses.Restarted(key, "too late"))  # the stream is gone already: nothing is kept
     assert book._cancel_reasons == {}
 
 
 def test_model_restart_reason_and_end_with_bad_content(model_module, ckpt):
     model, engine = make_model(model_module, ckpt, test_fault_sequence_ids="42@3")
     try:
-        assert isinstance(engine.fault_hook, serving.FaultInjector) and engine.fault_hook.faults == {"42": 3}
+        assert isinstance(engine.fault_hook, parameters.FaultInjector) and engine.fault_hook.faults == {"42": 3}
         engine.hold = True
         old = FakeRequest(8, flags=1, audio=np.zeros(5))
         model.execute([old])
@@ -766,8 +766,8 @@ def test_gen_gpu_repo_writes_valid_configs(tmp_path, ckpt):
         assert text.count("kind: KIND_GPU") == 3 and "gpus: [ 3 ]" in text
         assert (tmp_path / "repo" / name / "1" / "model.py").read_text() == MODEL_PY.read_text()
         params = config_parameters(text)
-        assert set(serving.PARAMETERS) <= set(params)  # the template keeps up with the config objects
-        cfg = serving.serving_config_from_parameters(params, "cuda:0", tmp_path)
+        assert set(parameters.PARAMETERS) <= set(params)  # the template keeps up with the config objects
+        cfg = parameters.serving_config_from_parameters(params, "cuda:0", tmp_path)
         assert cfg.checkpoint == ckpt and cfg.engine.default_language == language
         assert cfg.engine.decoding.beam_size == 4 and cfg.engine.attention_backend == "flashinfer"
         assert cfg.engine.kv_memory_fraction == pytest.approx(0.75 / 2)  # the GPU default split over 2 models
@@ -854,9 +854,9 @@ def test_server_error_code_parsing():
 def test_numpy_2_is_refused_in_the_stub_unless_allowed():
     """Triton 2.51's stub sent every output as an empty buffer under NumPy 2 (H100 machine): the model refuses to
     load with a message naming the fix, unless the operator says the stub supports NumPy 2."""
-    serving.check_stub_numpy("1.26.4", {})
-    with pytest.raises(serving.ConfigError, match=r"numpy 2\.5\.2 .*numpy<2.*INFINISST_ALLOW_NUMPY2=1"):
-        serving.check_stub_numpy("2.5.2", {})
-    with pytest.raises(serving.ConfigError):
-        serving.check_stub_numpy("2.0.0", {"INFINISST_ALLOW_NUMPY2": "yes"})
-    serving.check_stub_numpy("2.5.2", {"INFINISST_ALLOW_NUMPY2": "1"})
+    parameters.check_stub_numpy("1.26.4", {})
+    with pytest.raises(parameters.ConfigError, match=r"numpy 2\.5\.2 .*numpy<2.*INFINISST_ALLOW_NUMPY2=1"):
+        parameters.check_stub_numpy("2.5.2", {})
+    with pytest.raises(parameters.ConfigError):
+        parameters.check_stub_numpy("2.0.0", {"INFINISST_ALLOW_NUMPY2": "yes"})
+    parameters.check_stub_numpy("2.5.2", {"INFINISST_ALLOW_NUMPY2": "1"})

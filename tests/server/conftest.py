@@ -141,10 +141,10 @@ def reference():
     the same checkpoint with the same engine configuration as the server's ``infinisst`` model."""
     from infinisst_backend.engine.engine import Engine
     from infinisst_backend.engine.events import TextDelta
-    from infinisst_backend.serving import serving
+    from infinisst_backend.serving import parameters
 
     params = {**config_parameters((MODEL_DIR / "config.pbtxt").read_text()), **MAIN}
-    cfg = serving.serving_config_from_parameters(params, "cpu", DEMO_CHECKPOINT.parents[1])
+    cfg = parameters.serving_config_from_parameters(params, "cpu", DEMO_CHECKPOINT.parents[1])
     engine = Engine.from_checkpoint(cfg.checkpoint, cfg.engine)
     cache: dict = {}
     piece = 16_000  # requests are limited to max_request_seconds; cutting does not change the text

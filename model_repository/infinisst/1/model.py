@@ -4,7 +4,7 @@ Threads:
 - Triton's thread calls ``execute()``: it parses each request, opens the stream on START, hands the audio to
   the engine with the request's handle as ``tag``, and returns. Rejected requests become ``Rejected`` items.
 - The engine's step thread reports events through ``on_event`` into one queue (no Triton calls there).
-- The response thread reads that queue, orders responses per stream (``serving.ResponseBook``), sends them,
+- The response thread reads that queue, orders responses per stream (``responses.ResponseBook``), sends them,
   and polls ``is_cancelled()`` of each stream's oldest request (a cancelled stream is cancelled in the engine).
 - The metrics thread copies ``engine.stats()`` and step records into Triton's custom metrics.
 Every request gets exactly one FINAL, also on errors, cancellation and shutdown.
@@ -29,7 +29,7 @@ from infinisst_backend.engine.engine import Engine
 from infinisst_backend.engine.events import StreamFinished, TurnEnded
 from infinisst_backend.engine.forced_turns import TurnLengths
 from infinisst_backend.errors import CapacityError, EngineError, InvalidArgument, UnknownStream
-from infinisst_backend.serving import serving
+from infinisst_backend.serving import metrics, parameters, requests, responses
 
 PROJECT_ROOT = Path(infinisst_backend.__file__).resolve().parents[1]
 _STOP = object()  # queue sentinel: finalize() has shut the engine down
@@ -53,17 +53,19 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.log = pb_utils.Logger
         name = args["model_name"]
-        params = serving.parameters_from_model_config(json.loads(args["model_config"]))
+        params = parameters.parameters_from_model_config(json.loads(args["model_config"]))
         try:
-            serving.check_stub_numpy(np.__version__, os.environ)
-            self.cfg = serving.serving_config_from_parameters(params, serving.device_for_instance(args), PROJECT_ROOT)
-        except serving.ConfigError as e:
+            parameters.check_stub_numpy(np.__version__, os.environ)
+            self.cfg = parameters.serving_config_from_parameters(
+                params, parameters.device_for_instance(args), PROJECT_ROOT
+            )
+        except parameters.ConfigError as e:
             raise pb_utils.TritonModelException(f"model {name!r}: {e}") from None
 
         self.events: queue.SimpleQueue = queue.SimpleQueue()
-        self.registry = serving.StreamRegistry()
+        self.registry = requests.StreamRegistry()
         self.latencies: deque[float] = deque()
-        self.cancelled: set[serving.StreamKey] = set()  # response thread only
+        self.cancelled: set[requests.StreamKey] = set()  # response thread only
         self.stopping = threading.Event()
         self.log_handler = _TritonLogHandler()
         package_logger = logging.getLogger("infinisst_backend")
@@ -77,16 +79,16 @@ class TritonPythonModel:
                 f"model {name!r}: cannot build the engine (parameter 'checkpoint' = {self.cfg.checkpoint}, "
                 f"device {self.cfg.engine.device}): {type(e).__name__}: {e}"
             ) from None
-        faults = serving.parse_fault_ids(self.cfg.test_fault_sequence_ids)
+        faults = parameters.parse_fault_ids(self.cfg.test_fault_sequence_ids)
         if faults:
-            self.engine.fault_hook = serving.FaultInjector(faults)
+            self.engine.fault_hook = parameters.FaultInjector(faults)
             self.log.log_warn(f"model {name!r}: TEST-ONLY fault injection for sequence ids {sorted(faults)}")
-        seed = serving.parse_forced_turn_seed(self.cfg.benchmark_forced_turn_seed)
+        seed = parameters.parse_forced_turn_seed(self.cfg.benchmark_forced_turn_seed)
         if seed is not None:
             self.engine.turn_length_hook = TurnLengths(seed).draw
             self.log.log_warn(f"model {name!r}: BENCHMARK-ONLY forced turn lengths (seed {seed})")
         labels = {"model": name, "instance": args["model_instance_name"]}
-        self.metrics = serving.Metrics(pb_utils, labels)
+        self.metrics = metrics.Metrics(pb_utils, labels)
 
         self.engine.start()
         self.response_thread = threading.Thread(target=self._respond_loop, name="infinisst-responses", daemon=True)
@@ -102,29 +104,29 @@ class TritonPythonModel:
 
     # ------------------------------------------------------------------------------------------- requests
 
-    def execute(self, requests: list) -> None:
+    def execute(self, batch: list) -> None:
         """Hand every request to the engine and return; responses come from the response thread."""
-        for request in requests:
+        for request in batch:
             self._submit(request)
         return None
 
     def _submit(self, request) -> None:
         sender = request.get_response_sender()
         corrid = request.correlation_id()
-        start = bool(request.flags() & serving.FLAG_SEQUENCE_START)
-        end = bool(request.flags() & serving.FLAG_SEQUENCE_END)
+        start = bool(request.flags() & requests.FLAG_SEQUENCE_START)
+        end = bool(request.flags() & requests.FLAG_SEQUENCE_END)
         try:
             key = self._stream_key(corrid, start)
         except UnknownStream as e:
-            self._reject(serving.RequestHandle(self.registry.orphan(corrid), sender), e)
+            self._reject(responses.RequestHandle(self.registry.orphan(corrid), sender), e)
             return
-        handle = serving.RequestHandle(key, sender)
+        handle = responses.RequestHandle(key, sender)
         self.events.put(handle)  # registered before any event of its audio can arrive
         opened = False
         try:
             if self.stopping.is_set():
                 raise CapacityError("the server is shutting down")
-            parsed = serving.parse_request(request, pb_utils)
+            parsed = requests.parse_request(request, pb_utils)
             if start:
                 self.engine.open_stream(key, parsed.language, parsed.latency_multiplier)
                 opened = True
@@ -133,9 +135,9 @@ class TritonPythonModel:
             if start and not opened:
                 self.registry.forget(key)
             if not (end and isinstance(e, InvalidArgument) and self._end_anyway(handle, e)):
-                self.events.put(serving.Rejected(handle, e.code, e.message))
+                self.events.put(responses.Rejected(handle, e.code, e.message))
 
-    def _end_anyway(self, handle: serving.RequestHandle, error: EngineError) -> bool:
+    def _end_anyway(self, handle: responses.RequestHandle, error: EngineError) -> bool:
         """An END request with bad content still ends its open stream: Triton has closed the sequence, so no later
         request could, and the stream would hold its memory until the idle timeout. The buffered audio is
         translated as for an empty END; the request gets that text, then its error, then FINAL."""
@@ -149,7 +151,7 @@ class TritonPythonModel:
             return False
         return True
 
-    def _stream_key(self, corrid, start: bool) -> serving.StreamKey:
+    def _stream_key(self, corrid, start: bool) -> requests.StreamKey:
         if not start:
             return self.registry.lookup(corrid)
         key, previous = self.registry.start(corrid)
@@ -157,21 +159,21 @@ class TritonPythonModel:
             # START again on a live id: the client abandoned the old stream (or Triton's reaper dropped it).
             self.log.log_warn(f"stream {corrid}: START while the previous stream is open; cancelling it")
             reason = f"stream {corrid} was cancelled: a new START request arrived for its sequence id"
-            self.events.put(serving.Restarted(previous, reason))  # ahead of the cancellation's errors
+            self.events.put(responses.Restarted(previous, reason))  # ahead of the cancellation's errors
             try:
                 self.engine.cancel_stream(previous)
             except UnknownStream:
                 pass
         return key
 
-    def _reject(self, handle: serving.RequestHandle, error: EngineError) -> None:
+    def _reject(self, handle: responses.RequestHandle, error: EngineError) -> None:
         self.events.put(handle)
-        self.events.put(serving.Rejected(handle, error.code, error.message))
+        self.events.put(responses.Rejected(handle, error.code, error.message))
 
     # ------------------------------------------------------------------------------------------- responses
 
     def _respond_loop(self) -> None:
-        book = serving.ResponseBook()
+        book = responses.ResponseBook()
         next_poll = time.monotonic() + self.cfg.cancel_poll_interval_s
         stopping = False
         while True:
@@ -179,7 +181,7 @@ class TritonPythonModel:
             for item in items:
                 if item is _STOP:
                     stopping = True
-                elif isinstance(item, serving.RequestHandle):
+                elif isinstance(item, responses.RequestHandle):
                     book.submit(item)
                 elif isinstance(item, TurnEnded):
                     self.latencies.append(item.chunk_latency_s)
@@ -212,13 +214,13 @@ class TritonPythonModel:
                 break
         return items
 
-    def _send(self, out: serving.Outgoing) -> None:
+    def _send(self, out: responses.Outgoing) -> None:
         try:
-            serving.send(out, pb_utils)
+            responses.send(out, pb_utils)
         except Exception as e:  # the client went away or cancelled: nothing more to tell it
             self.log.log_verbose(f"could not send a {out.kind} response: {e}")
 
-    def _poll_cancelled(self, book: serving.ResponseBook) -> None:
+    def _poll_cancelled(self, book: responses.ResponseBook) -> None:
         for handle in book.heads():
             if handle.key in self.cancelled:
                 continue
@@ -239,8 +241,8 @@ class TritonPythonModel:
     def _metrics_loop(self) -> None:
         while not self.stopping.wait(self.cfg.metrics_interval_s):
             try:
-                steps = [(r.phase, r.num_rows) for r in serving.drain(self.engine.step_records)]
-                self.metrics.update(self.engine.stats(), steps, serving.drain(self.latencies))
+                steps = [(r.phase, r.num_rows) for r in metrics.drain(self.engine.step_records)]
+                self.metrics.update(self.engine.stats(), steps, metrics.drain(self.latencies))
             except Exception as e:  # metrics must never take the model down
                 self.log.log_warn(f"metrics update failed: {type(e).__name__}: {e}")
 
