@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from infinisst_backend.config import MAX_LATENCY_MULTIPLIER, SAMPLE_RATE, DecodingConfig, EngineConfig, ModelConfig
+from infinisst_backend.config import (
+    MAX_LATENCY_MULTIPLIER,
+    SAMPLE_RATE,
+    DecodingConfig,
+    EngineConfig,
+    ModelConfig,
+    torch_dtype,
+)
 from infinisst_backend.engine.admission import Admission, worst_case_pages
 from infinisst_backend.engine.events import Event, StreamError, StreamFinished
 from infinisst_backend.engine.scheduler import ScheduledStep, Scheduler, StepRecord
@@ -426,8 +433,8 @@ def _pages_from_free_memory(model: InfiniSSTModel, cfg: EngineConfig) -> int:
         raise ValueError("num_pages=0 (size from free memory) needs a CUDA device; set num_pages on CPU")
     free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
     speech = model.speech.cfg
-    page_bytes = model.llm.kv_bytes_per_token(getattr(torch, cfg.kv_dtype)) * cfg.page_size
-    itemsize = getattr(torch, cfg.dtype).itemsize
+    page_bytes = model.llm.kv_bytes_per_token(torch_dtype(cfg.kv_dtype)) * cfg.page_size
+    itemsize = torch_dtype(cfg.dtype).itemsize
     speech_bytes = 2 * speech.num_layers * speech.max_cache_frames * speech.embed_dim * itemsize * cfg.max_streams
     usable = int(free * cfg.kv_memory_fraction) - speech_bytes
     if usable < page_bytes:
