@@ -6,22 +6,18 @@ the relative L2 error of the torch path (float32 softmax, bf16 output) and of Fl
 bf16 inputs, and FlashInfer against the torch path. A sequence whose FlashInfer error stands out from the others
 would point at an indexing or masking error; a uniform excess is FlashInfer's arithmetic.
 
-    python benchmarks/attention_error.py [--heads 9,3,64] [--sharp 1,4]
+    python -m benchmarks.attention_error [--heads 9,3,64] [--sharp 1,4]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from infinisst_backend.config import EngineConfig  # noqa: E402
-from infinisst_backend.kernels.attention import AttentionBatch, TorchAttention  # noqa: E402
-from infinisst_backend.model.kv_cache import PagedKVCache  # noqa: E402
+from infinisst_backend.config import EngineConfig
+from infinisst_backend.kernels.attention import AttentionBatch, TorchAttention
+from infinisst_backend.model.kv_cache import PagedKVCache
 
 PAGE = 16
 BATCHES = {

@@ -5,7 +5,7 @@ period), through the engine's own thread, exactly as the server does. A run pass
 (chunk's last sample in -> its turn's last token out) is <= 0.5 s and p99 <= 1.0 s and no stream falls behind.
 The sweep doubles N until a run fails, then bisects. Prints a table and writes JSON + markdown.
 
-    python benchmarks/cpu_streams.py --checkpoint build/demo_checkpoint --seconds 20
+    python -m benchmarks.cpu_streams --checkpoint build/demo_checkpoint --seconds 20
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def run_trial(engine: Engine, n: int, seconds: float, m: int, beam: int, seed: i
                 if done[0] == n:
                     finished.set()
 
-    engine._on_event = on_event
+    engine.on_event = on_event
     ids = [f"bench-{seed}-{i}" for i in range(n)]
     for sid in ids:
         engine.open_stream(sid, "German", m, DecodingConfig(beam_size=beam))
@@ -147,7 +147,7 @@ def main() -> None:
         "",
         f"N\\* = **{n_star}** on {report['cpu_count']} CPU cores ({report['machine']}, torch {torch.__version__}).",
         "",
-        f"Command: `python benchmarks/cpu_streams.py --checkpoint {args.checkpoint} --seconds {args.seconds:g} "
+        f"Command: `python -m benchmarks.cpu_streams --checkpoint {args.checkpoint} --seconds {args.seconds:g} "
         f"--m {args.m} --beam {args.beam}`",
         "",
         "| streams | turns | p50 (s) | p95 (s) | p99 (s) | pass |",

@@ -12,7 +12,7 @@ the Python backend):
 4. writes JSON and markdown: p50/p95/p99 per N, pass/fail by benchmarks.md's rule, and the engine-level N* of
    ``docs/benchmarks/gpu_streams.json`` for comparison.
 
-    python benchmarks/gpu_triton.py --streams 136,144,152 --gpus 0 --out build/gpu_triton_1gpu
+    python -m benchmarks.gpu_triton --streams 136,144,152 --gpus 0 --out build/gpu_triton_1gpu
 
 (``docs/benchmarks/gpu_triton.md`` summarizes the committed runs by hand: keep ``--out`` off that name.)
 """
@@ -31,14 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
+from client.api import StreamingClient
+from client.stats import percentiles
+from server_tools.gen_gpu_repo import write as write_repository
+from server_tools.metrics import metric_values
+from server_tools.tritonserver import TritonServer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from client.api import StreamingClient  # noqa: E402
-from server_tools.gen_gpu_repo import write as write_repository  # noqa: E402
-from server_tools.metrics import metric_values  # noqa: E402
-from server_tools.tritonserver import TritonServer  # noqa: E402
-
 P95_LIMIT_S, P99_LIMIT_S = 0.5, 1.0
 SAMPLES_PER_UNIT = 15_360
 STREAMS_PER_CONNECTION = 32
@@ -70,10 +69,9 @@ def ensure_checkpoint(path: Path, layers: int) -> None:
         return
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gpu_streams import build_dummy_model, paper_model_config, synthetic_llama3_tokenizer
-
+    from benchmarks.lib.models import build_dummy_model, synthetic_llama3_tokenizer
     from infinisst_backend.model.checkpoint import save_checkpoint
+    from infinisst_backend.presets import paper_model_config
 
     t = time.perf_counter()
     cfg = paper_model_config(layers)
@@ -137,7 +135,7 @@ def run_load(url: str, n: int, seconds: float, m: int, seed: int) -> dict:
         "send_lateness_p99_s": float(np.percentile(late, 99)),
     }
     if lat.size:
-        out.update({f"p{q}_s": float(np.percentile(lat, q)) for q in (50, 95, 99)}, max_s=float(lat.max()))
+        out.update({f"{k}_s": v for k, v in percentiles(lat, (50, 95, 99), count=False).items()})
     out["passes"] = bool(
         lat.size == expected
         and not failed
@@ -255,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     report = {
-        "command": "python benchmarks/gpu_triton.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.gpu_triton " + " ".join(sys.argv[1:] if argv is None else argv),
         "gpu": torch.cuda.get_device_name(gpus[0]),
         "gpus": gpus,
         "m": args.m,

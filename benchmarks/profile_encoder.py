@@ -4,7 +4,7 @@ Builds the wav2vec 2.0 Large frontend with random bf16 weights, brings ``--batch
 window full), then times one chunk per stream (eager and, with ``--graphs``, through :class:`EncoderGraphs`) and
 prints the CUDA kernels that take the time (torch.profiler), grouped by name:
 
-    python benchmarks/profile_encoder.py --batch 1,8,32 --m 1 --graphs [--modes reference,kv,kernel] [--graph-kernels]
+    python -m benchmarks.profile_encoder --batch 1,8,32 --m 1 --graphs [--modes reference,kv,kernel] [--graph-kernels]
 
 ``--modes`` times several ways of computing the attention on the same streams, one after the other: ``kernel``
 (the default: :func:`kernels.window_kernel.window_attention` computes each layer's whole chunk attention
@@ -20,37 +20,22 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from profile_llm import kernel_profile, print_profile  # noqa: E402
-
-from infinisst_backend.config import SAMPLES_PER_UNIT, SpeechEncoderConfig  # noqa: E402
-from infinisst_backend.model import speech_encoder  # noqa: E402
-from infinisst_backend.model.speech_frontend import SpeechFrontend  # noqa: E402
-from infinisst_backend.runtime.encoder_graphs import EncoderGraphs, encode_chunks  # noqa: E402
+from benchmarks.lib.gpu import median_time
+from benchmarks.lib.kernel_profile import kernel_profile, print_profile
+from infinisst_backend.config import SAMPLES_PER_UNIT, SpeechEncoderConfig
+from infinisst_backend.model import speech_encoder
+from infinisst_backend.model.speech_frontend import SpeechFrontend
+from infinisst_backend.runtime.encoder_graphs import EncoderGraphs, encode_chunks
 
 LLM_HIDDEN = 4096  # Llama-3.1-8B
 
 
 def median_ms(fn, repeats: int = 10) -> float:
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+    return 1e3 * median_time(fn, repeats, "cuda", warmup=0)
 
 
 def kernel_table(fn, top: int) -> str:

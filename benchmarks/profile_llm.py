@@ -1,12 +1,12 @@
 """Kernel-by-kernel profile of the LLM's decode and prefill steps at the paper's dimensions (GPU, FlashInfer).
 
-Builds the Llama-3.1-8B-sized LLM with random bf16 weights (``gpu_streams.build_dummy_model``), fills a KV pool with
-random values, and for each variant of the attention times decode steps (``--batch``: rows, every row with a
+Builds the Llama-3.1-8B-sized LLM with random bf16 weights (``benchmarks.lib.models.build_dummy_model``), fills a KV
+pool with random values, and for each variant of the attention times decode steps (``--batch``: rows, every row with a
 ``--context``-token cache) and a steady-state prefill (``--prefill-batch`` streams, a later turn's 22-token prompt
 each), through the runner's CUDA graphs as serving runs them. At ``--profile-batch`` it prints the CUDA kernels of
 one step grouped by name and by kind (GEMM, attention, elementwise, ...), in microseconds per step:
 
-    python benchmarks/profile_llm.py --batch 1,32,64,128,256 --variants reference,fused --out DIR
+    python -m benchmarks.profile_llm --batch 1,32,64,128,256 --variants reference,fused --out DIR
 
 Variants: ``reference`` (the graphs capture the torch ops, ``EngineConfig.fused_kernels=False``), ``fused`` (the
 default: :mod:`infinisst_backend.kernels.llm_kernels`' fused RMSNorm, RoPE + K/V write and SwiGLU) and
@@ -20,32 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
-from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from gpu_streams import (  # noqa: E402
-    LATER_TURN_PREFIX,
-    LATER_TURN_SUFFIX,
-    PAGE_SIZE,
-    _median_time,
-    build_dummy_model,
-    gpu_info,
-    paper_model_config,
-)
-
-from infinisst_backend.config import EMBEDDINGS_PER_UNIT, EngineConfig  # noqa: E402
-from infinisst_backend.runtime.model_runner import ModelRunner  # noqa: E402
+from benchmarks.lib.gpu import gpu_info, median_time
+from benchmarks.lib.kernel_profile import kernel_profile, print_profile
+from benchmarks.lib.models import LATER_TURN_PREFIX, LATER_TURN_SUFFIX, PAGE_SIZE, build_dummy_model
+from infinisst_backend.config import EMBEDDINGS_PER_UNIT, EngineConfig
+from infinisst_backend.presets import paper_model_config
+from infinisst_backend.runtime.model_runner import ModelRunner
 
 # EngineConfig overrides of each variant (graphs on in all)
 VARIANTS = {
@@ -54,62 +42,10 @@ VARIANTS = {
     "fused+tensor_cores": {"fused_kernels": True, "decode_tensor_cores": True},  # decode on FlashInfer's TC kernels
 }
 
-KINDS = [  # (kind, pattern over the kernel name), first match wins
-    ("attention", r"flashinfer|BatchDecode|BatchPrefill|Attention|fmha|flash"),
-    ("gemm", r"gemm|nvjet|cutlass|xmma|sm90_|splitK|Kernel2"),
-    ("reduce", r"reduce|norm|mean"),
-    ("copy/cat/index", r"copy|cat|index|gather|scatter|Cat"),
-    ("elementwise", r"elementwise|vectorized|unrolled"),
-]
-
-
-def kind_of(name: str) -> str:
-    for kind, pattern in KINDS:
-        if re.search(pattern, name, re.IGNORECASE):
-            return kind
-    return "other"
-
 
 def median_ms(fn, repeats: int) -> float:
     """Median wall time of ``fn`` in ms, synchronized, after one warm-up call."""
-    return 1e3 * _median_time(fn, repeats, "cuda", warmup=1)
-
-
-def kernel_profile(fn, steps: int) -> dict:
-    """CUDA kernels of ``steps`` calls of ``fn``, in microseconds per call: by name and by kind."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for event in prof.events():
-        if event.device_type != DeviceType.CUDA:
-            continue
-        entry = by_name[event.name]
-        entry[0] += event.time_range.elapsed_us() / steps
-        entry[1] += 1 / steps
-    by_kind: dict[str, float] = defaultdict(float)
-    for name, (us, _) in by_name.items():
-        by_kind[kind_of(name)] += us
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])
-    return {
-        "total_us": sum(us for us, _ in by_name.values()),
-        "kernels_per_step": sum(n for _, n in by_name.values()),
-        "by_kind_us": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-        "top": [{"name": n[:110], "us": us, "calls": c, "kind": kind_of(n)} for n, (us, c) in top[:25]],
-    }
-
-
-def print_profile(title: str, prof: dict) -> None:
-    print(f"--- {title}: {prof['total_us'] / 1e3:.2f} ms of kernels, {prof['kernels_per_step']:.0f} kernels per step")
-    print("    by kind: " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in prof["by_kind_us"].items()))
-    for row in prof["top"]:
-        print(f"    {row['us']:9.1f} us {row['calls']:6.0f}x  [{row['kind']}] {row['name']}")
+    return 1e3 * median_time(fn, repeats, "cuda", warmup=1)
 
 
 def run_variant(model, name: str, args, batches: list[int]) -> dict:
@@ -227,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="folder for profile_llm.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("profile_llm.py needs a CUDA GPU")
+        sys.exit("benchmarks.profile_llm needs a CUDA GPU")
     batches = [int(b) for b in args.batch.split(",")]
     if args.profile_batch not in batches:
         batches = sorted(batches + [args.profile_batch])
@@ -255,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         report = {
             "gpu": info,
-            "command": "python benchmarks/profile_llm.py " + " ".join(sys.argv[1:]),
+            "command": "python -m benchmarks.profile_llm " + " ".join(sys.argv[1:]),
             "results": results,
         }
         (out / "profile_llm.json").write_text(json.dumps(report, indent=1))

@@ -2,7 +2,7 @@
 queries, a 576-frame window, 16 heads of 64) over key-block sizes, warps and pipeline stages, against the window
 kernel + the reference ops and against the window kernel + torch's SDPA (GPU):
 
-    python benchmarks/tune_window_attention.py
+    python -m benchmarks.tune_window_attention
 
 ``rel`` is each configuration's relative distance from the first one's output (the additions' order differs).
 """
@@ -10,17 +10,13 @@ kernel + the reference ops and against the window kernel + torch's SDPA (GPU):
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from infinisst_backend.kernels import window_kernel  # noqa: E402
-from infinisst_backend.model.speech_encoder import InterleavedRotary  # noqa: E402
+from infinisst_backend.kernels import window_kernel
+from infinisst_backend.model.speech_encoder import InterleavedRotary
 
 S, T, C, H, D = 32, 48, 576, 16, 64
 

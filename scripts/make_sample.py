@@ -1,6 +1,7 @@
 """Write a longer English speech sample by concatenating the bundled pytest-audioeval WAVs.
 
-Usage: python scripts/make_sample.py OUT.wav
+Usage: python scripts/make_sample.py OUT.wav   (with the repository importable: the .venv that scripts/setup.sh
+writes puts it on sys.path, the image of Dockerfile.triton on PYTHONPATH)
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from client.audio import SAMPLE_RATE, load_audio, sample_file  # noqa: E402
+from client.audio import SAMPLE_RATE, load_audio, sample_file
 
 PARTS = ("en/quick_brown_fox.wav", "en/counting.wav", "en/hello_world.wav")
 PAUSE_SECONDS = 0.3

@@ -1,4 +1,4 @@
-"""An InfiniSST model whose LLM is SmolLM2-135M-Instruct with its real weights, for ``gpu_parity.py --llm real``.
+"""An InfiniSST model whose LLM is SmolLM2-135M-Instruct with its real weights, for ``gpu_parity --llm real``.
 
 No InfiniSST checkpoint exists offline, and random weights give near-tied top logits (bf16 rounding then flips
 argmaxes on any path), so the parity check needs an LLM whose next-token distributions are peaked like a trained
@@ -11,7 +11,8 @@ embeddings); transformers dequantizes it (needs ``gguf``) to float32 under HF pa
   added as ``infinisst_backend.model.demo.demo_tokenizer`` does (``<sp_patch>`` ... ``<latency_4>``, 7 tokens): their
   embedding rows are zero, so they are never predicted unless every real logit is negative (their logit is exactly
   0 on every path), and never fed (speech rows replace ``<sp_patch>``; chatml uses no latency tokens).
-* Prompt: the demo's chatml prompt (``demo_config``): system text, ``<|im_end|>`` / ``<|endoftext|>`` end a turn.
+* Prompt: the demo's chatml prompt (``presets.chatml_prompt``): system text, ``<|im_end|>`` / ``<|endoftext|>``
+  end a turn.
 * Speech frontend: the demo's small streaming encoder (4 layers, 256 wide), seeded random weights
   (``demo.init_random_weights``), projected to the LLM's 576-wide embedding space.
 * Speech rows are made to look like token embeddings (:func:`calibrate_projection`): raw, they are random vectors
@@ -33,12 +34,13 @@ import numpy as np
 import torch
 
 from infinisst_backend.config import SAMPLES_PER_UNIT, LLMConfig, ModelConfig
-from infinisst_backend.model.demo import demo_config, init_random_weights
+from infinisst_backend.model.demo import init_random_weights
 from infinisst_backend.model.infinisst import InfiniSSTModel
+from infinisst_backend.presets import demo_model_config
 from infinisst_backend.text.tokenizers import add_infinisst_tokens, smollm2_gguf_path
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
-# The benchmark's audio: chunks of 0.1 * N(0, 1) noise (gpu_parity.py).
+# The benchmark's audio: chunks of 0.1 * N(0, 1) noise (gpu_parity).
 NOISE_STD = 0.1
 CALIBRATION_STREAMS = 4
 CALIBRATION_CHUNKS = 3
@@ -160,7 +162,7 @@ def build_real_model(gguf: Path | None, device: str, dtype: torch.dtype, seed: i
     """SmolLM2-135M-Instruct (real weights) + the demo's random speech encoder, calibrated, cast and moved."""
     gguf = Path(gguf) if gguf is not None else default_gguf()
     hf, tokenizer = load_smollm2(gguf)
-    demo = demo_config(len(tokenizer))
+    demo = demo_model_config(len(tokenizer))
     cfg = ModelConfig(
         speech_encoder=demo.speech_encoder,
         llm=llm_config(hf.config, len(tokenizer)),
