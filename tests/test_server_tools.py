@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from client.stats import percentiles
-from infinisst_backend.serving import serving
+from infinisst_backend.serving import parameters
 from server_tools import gen_gpu_repo
 from server_tools.metrics import metric_values, model_metric
 from server_tools.model_config import CONFIG, MODEL_PY, config_field, config_parameters, rewrite_config
@@ -54,7 +54,7 @@ def test_every_gpu_default_names_a_field_of_the_repository_config():
     params = config_parameters(CONFIG.read_text())
     for key in gen_gpu_repo.GPU_DEFAULTS:
         assert key in params or key in gen_gpu_repo.TRITON_FIELDS, key
-    assert set(serving.PARAMETERS) <= set(params)  # config.pbtxt keeps up with the config objects
+    assert set(parameters.PARAMETERS) <= set(params)  # config.pbtxt keeps up with the config objects
     with pytest.raises(ValueError, match="no_such_parameter"):
         rewrite_config(CONFIG.read_text(), "x", {"no_such_parameter": "1"}, add_missing=False)
 
@@ -67,7 +67,7 @@ def test_gen_gpu_repo_writes_valid_configs(tmp_path, ckpt):
         assert f'name: "{name}"' in text
         assert text.count("kind: KIND_GPU") == 3 and "gpus: [ 3 ]" in text
         assert (tmp_path / "repo" / name / "1" / "model.py").read_text() == MODEL_PY.read_text()
-        cfg = serving.serving_config_from_parameters(config_parameters(text), "cuda:0", tmp_path)
+        cfg = parameters.serving_config_from_parameters(config_parameters(text), "cuda:0", tmp_path)
         assert cfg.checkpoint == ckpt and cfg.engine.default_language == language
         assert cfg.engine.decoding.beam_size == 4 and cfg.engine.attention_backend == "flashinfer"
         assert cfg.engine.kv_memory_fraction == pytest.approx(0.75 / 2)  # the GPU default split over 2 models
