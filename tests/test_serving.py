@@ -753,32 +753,6 @@ def test_model_engine_failure_fails_the_load_with_the_reason(model_module, ckpt,
 # ---------------------------------------------------------------------------------------------- client tools
 
 
-def test_gen_gpu_repo_writes_valid_configs(tmp_path, ckpt):
-    from client import gen_gpu_repo
-
-    from .server.harness import config_parameters
-
-    models = [gen_gpu_repo.parse_model(f"en-de={ckpt}"), gen_gpu_repo.parse_model(f"en-zh={ckpt}")]
-    gen_gpu_repo.write(tmp_path / "repo", models, [0, 1, 3], {"beam_size": "4"})
-    for name, language in (("infinisst_en_de", "de"), ("infinisst_en_zh", "zh")):
-        text = (tmp_path / "repo" / name / "config.pbtxt").read_text()
-        assert f'name: "{name}"' in text and "${" not in text
-        assert text.count("kind: KIND_GPU") == 3 and "gpus: [ 3 ]" in text
-        assert (tmp_path / "repo" / name / "1" / "model.py").read_text() == MODEL_PY.read_text()
-        params = config_parameters(text)
-        assert set(parameters.PARAMETERS) <= set(params)  # the template keeps up with the config objects
-        cfg = parameters.serving_config_from_parameters(params, "cuda:0", tmp_path)
-        assert cfg.checkpoint == ckpt and cfg.engine.default_language == language
-        assert cfg.engine.decoding.beam_size == 4 and cfg.engine.attention_backend == "flashinfer"
-        assert cfg.engine.kv_memory_fraction == pytest.approx(0.75 / 2)  # the GPU default split over 2 models
-        assert cfg.engine.cuda_graphs and cfg.engine.batch_timeout_s == pytest.approx(0.05)
-    assert gen_gpu_repo.parse_model(str(ckpt))[0] == "infinisst"
-    with pytest.raises(ValueError, match="beam_sise"):
-        gen_gpu_repo.write(tmp_path / "r2", models, [0], {"beam_sise": "4"})
-    with pytest.raises(ValueError, match="--gpus"):
-        gen_gpu_repo.write(tmp_path / "r3", models, [], {})
-
-
 def test_perf_data_and_report(tmp_path):
     import json
 
