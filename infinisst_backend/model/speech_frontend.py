@@ -167,16 +167,40 @@ class SpeechFrontend(nn.Module):
         they do not: its CNN normalizes over time, so streaming depends on the re-run tail, as in the reference).
         Memory grows with the square of the stream length: for tests and checks only.
         """
-        check_multiplier(m)
         self._check_samples(samples, None)
-        units = math.ceil(samples.numel() / SAMPLES_PER_UNIT)
-        audio = self._pad(samples, units * SAMPLES_PER_UNIT, prefix=True)
+        return self.forward_full(samples[None], m)[0][0]
+
+    def forward_full(self, audio: Tensor, m: int, lengths: list[int] | None = None) -> tuple[Tensor, Tensor]:
+        """The offline pass of :meth:`encode_full` for a batch of padded streams, differentiable (training).
+
+        ``audio [B, L]``: stream b holds ``lengths[b]`` samples (default: all L), zeros after them. Each stream is
+        zero-prefixed and padded to ``k = ceil(L / 15360)`` units. Returns (embeddings ``[B, 12*k, llm_hidden]``,
+        encoder frames ``[B, 48*k, E]``, after the encoder's final norm). Stream b's first
+        ``ceil(lengths[b] / 15360)`` units equal :meth:`encode_full` of its own samples: a frame never sees the
+        frames of the units after its stream's last (its padding), which only affects the rows after them.
+        """
+        check_multiplier(m)
+        if audio.ndim != 2 or audio.shape[1] == 0 or not audio.is_floating_point():
+            raise ValueError(f"audio must be a non-empty float [B, L] tensor, got {audio.dtype} {tuple(audio.shape)}")
+        units = math.ceil(audio.shape[1] / SAMPLES_PER_UNIT)
+        audio = audio.to(device=self.device, dtype=self.dtype)
+        audio = F.pad(audio, (self.prefix_samples, units * SAMPLES_PER_UNIT - audio.shape[1]))
         num_frames = units * self.cfg.block_size
-        x = self.speech_encoder.frames(audio[None], num_frames)  # [1, F, E]
+        x = self.speech_encoder.frames(audio, num_frames)  # [B, F, E]
         frames = torch.arange(num_frames, device=self.device)
         bias = chunk_attention_bias(frames, frames, self.cfg.block_size * m, self.cfg.max_cache_frames, self.dtype)
+        if lengths is not None:
+            if len(lengths) != audio.shape[0] or not all(0 < n <= audio.shape[1] for n in lengths):
+                raise ValueError(f"lengths {lengths} do not fit audio of shape {tuple(audio.shape)}")
+            # Frames of a stream's own units see only those; its padding frames also see the rule's frames (no
+            # fully masked row, whose NaNs would reach the real frames through the zero-weighted values).
+            valid = torch.tensor(
+                [math.ceil(n / SAMPLES_PER_UNIT) * self.cfg.block_size for n in lengths], device=self.device
+            )[:, None, None]  # [B, 1, 1]
+            hidden = (frames[None, None, :] >= valid) & (frames[None, :, None] < valid)  # [B, F(q), F(k)]
+            bias = bias.masked_fill(hidden, float("-inf"))[:, None]  # [B, 1, F, F]
         x, _ = self.speech_encoder.encoder(x, bias)
-        return self.proj(self.length_shrink(x))[0]
+        return self.proj(self.length_shrink(x)), x
 
     # -- the pieces of a pass (the runtime's CUDA graphs capture the same ones) ------------------------------------
 
