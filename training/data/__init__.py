@@ -9,21 +9,25 @@
 - :mod:`training.data.sample`: ``python -m training.data.sample OUT.flac``, a held-out Brown sample for the demo.
 """
 
-from training.data.corpus import TextRecord, load_corpus
-from training.data.dataset import SpeechDataset, heldout_set
-from training.data.speech import Voice, synthesize, voice_names
-from training.data.trajectories import turn_targets
-from training.data.utterances import Sentence, Utterance
+import importlib
 
-__all__ = [
-    "Sentence",
-    "SpeechDataset",
-    "TextRecord",
-    "Utterance",
-    "Voice",
-    "heldout_set",
-    "load_corpus",
-    "synthesize",
-    "turn_targets",
-    "voice_names",
-]
+# Imported on first use (PEP 562), so that ``python -m training.data.corpus`` runs a module not yet imported.
+_EXPORTS = {
+    "Sentence": "utterances",
+    "SpeechDataset": "dataset",
+    "TextRecord": "corpus",
+    "Utterance": "utterances",
+    "Voice": "speech",
+    "heldout_set": "dataset",
+    "load_corpus": "corpus",
+    "synthesize": "speech",
+    "turn_targets": "trajectories",
+    "voice_names": "speech",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
