@@ -135,10 +135,9 @@ def open_dataset(args: argparse.Namespace, split: str, seed: int):
     if args.fake_data:
         from training import fake_data
 
-        size = 64 if split == "train" else 4
-        return fake_data.FakeDataset(size=size, seed=seed if split == "train" else 10_000 + seed, split=split), (
-            fake_data.turn_targets
-        )
+        kwargs = {"size": 64 if split == "train" else 4} | json.loads(args.data_args)
+        seed = seed if split == "train" else 10_000 + seed
+        return fake_data.FakeDataset(seed=seed, split=split, **kwargs), fake_data.turn_targets
     from training.data.dataset import SpeechDataset
     from training.data.trajectories import turn_targets
 

@@ -173,9 +173,9 @@ class SpeechFrontend(nn.Module):
     def forward_full(self, audio: Tensor, m: int, lengths: list[int] | None = None) -> tuple[Tensor, Tensor]:
         """The offline pass of :meth:`encode_full` for a batch of padded streams, differentiable (training).
 
-        ``audio [B, L]``: stream b holds ``lengths[b]`` samples (default: all L), zeros after them. Each stream is
-        zero-prefixed and padded to ``k = ceil(L / 15360)`` units. Returns (embeddings ``[B, 12*k, llm_hidden]``,
-        encoder frames ``[B, 48*k, E]``, after the encoder's final norm). Stream b's first
+        ``audio [B, L]``: stream b holds ``lengths[b]`` samples (default: all L); what follows them is read as
+        zeros. Each stream is zero-prefixed and padded to ``k = ceil(L / 15360)`` units. Returns (embeddings
+        ``[B, 12*k, llm_hidden]``, encoder frames ``[B, 48*k, E]`` after the encoder's final norm). Stream b's first
         ``ceil(lengths[b] / 15360)`` units equal :meth:`encode_full` of its own samples: a frame never sees the
         frames of the units after its stream's last (its padding), which only affects the rows after them.
         """
@@ -184,14 +184,18 @@ class SpeechFrontend(nn.Module):
             raise ValueError(f"audio must be a non-empty float [B, L] tensor, got {audio.dtype} {tuple(audio.shape)}")
         units = math.ceil(audio.shape[1] / SAMPLES_PER_UNIT)
         audio = audio.to(device=self.device, dtype=self.dtype)
+        if lengths is not None:
+            if len(lengths) != audio.shape[0] or not all(0 < n <= audio.shape[1] for n in lengths):
+                raise ValueError(f"lengths {lengths} do not fit audio of shape {tuple(audio.shape)}")
+            # Zeros after each stream's samples, as the padding of its last chunk.
+            ends = torch.tensor(lengths, device=self.device)[:, None]
+            audio = audio.masked_fill(torch.arange(audio.shape[1], device=self.device) >= ends, 0.0)
         audio = F.pad(audio, (self.prefix_samples, units * SAMPLES_PER_UNIT - audio.shape[1]))
         num_frames = units * self.cfg.block_size
         x = self.speech_encoder.frames(audio, num_frames)  # [B, F, E]
         frames = torch.arange(num_frames, device=self.device)
         bias = chunk_attention_bias(frames, frames, self.cfg.block_size * m, self.cfg.max_cache_frames, self.dtype)
         if lengths is not None:
-            if len(lengths) != audio.shape[0] or not all(0 < n <= audio.shape[1] for n in lengths):
-                raise ValueError(f"lengths {lengths} do not fit audio of shape {tuple(audio.shape)}")
             # Frames of a stream's own units see only those; its padding frames also see the rule's frames (no
             # fully masked row, whose NaNs would reach the real frames through the zero-weighted values).
             valid = torch.tensor(
