@@ -57,7 +57,7 @@ def _plan_count(records: Sequence[TextRecord], start: int, voice: Voice, max_sec
             break
         total += est
         count += 1
-    return count + 1  # one spare: read_sentences stops at the cap by the real durations
+    return count  # read_sentences still stops at the cap by the real durations
 
 
 def _records_from(records: Sequence[TextRecord], start: int, count: int) -> list[TextRecord]:
@@ -182,7 +182,7 @@ def _heldout_plans(
         while recs and laps < 2:
             voice = random_voice(rng, "heldout")
             cap = float(rng.uniform(min_seconds, max_seconds))
-            count = max(1, _plan_count(recs, start, voice, cap) - 1)
+            count = _plan_count(recs, start, voice, cap)
             count = min(count, len(recs) - start)
             plans.append(_Plan(source, start, count, voice, cap, int(rng.integers(2**63))))
             start += count
