@@ -161,6 +161,14 @@ class SpeechDataset(torch.utils.data.IterableDataset):
         rng = np.random.default_rng(plan.seed)
         records = _records_from(self.records[plan.source], plan.start, plan.count)
         utt, _ = read_sentences(records, plan.voice, rng, UtteranceConfig(max_seconds=plan.max_seconds), utt_id)
+        if not utt.sentences and self.split == "heldout":
+            # The first sentence came out longer than its planned cap: read it again under the dataset's cap.
+            rng = np.random.default_rng(plan.seed)
+            utt, _ = read_sentences(records, plan.voice, rng, UtteranceConfig(max_seconds=self.max_seconds), utt_id)
+            if not utt.sentences:
+                log.warning(
+                    "held-out utterance %s: sentence %s is longer than %s s", utt_id, records[0].id, self.max_seconds
+                )
         utt.split = self.split
         if self.augment and utt.sentences:
             audio, shift = augment(utt.audio, rng, self.augment_config)
@@ -178,16 +186,18 @@ def _heldout_plans(
     per_source: dict[str, list[_Plan]] = {}
     for source in SOURCES:
         recs = records.get(source, [])
-        plans, start, laps = [], 0, 0
-        while recs and laps < 2:
+        plans, start = [], 0
+        while start < len(recs):
             voice = random_voice(rng, "heldout")
-            cap = float(rng.uniform(min_seconds, max_seconds))
+            first = _estimate_seconds(recs[start], voice) + 1.0
+            if first > 0.85 * max_seconds:  # too long for any utterance: not part of the held-out set
+                start += 1
+                continue
+            cap = max(float(rng.uniform(min_seconds, max_seconds)), first)
             count = _plan_count(recs, start, voice, cap)
             count = min(count, len(recs) - start)
             plans.append(_Plan(source, start, count, voice, cap, int(rng.integers(2**63))))
             start += count
-            if start >= len(recs):
-                start, laps = 0, laps + 1
         per_source[source] = plans
     merged = sorted(
         ((i + 0.5) / len(plans), s, plan) for s, plans in per_source.items() for i, plan in enumerate(plans)
@@ -208,8 +218,8 @@ def heldout_set(
 ) -> list[Utterance]:
     """The fixed held-out utterances for evaluation: held-out voices reading held-out sentences, no augmentation.
 
-    The same arguments give the same utterances (audio and texts) every time. Runs of sentences never repeat within
-    the first lap of each source; beyond it (``n`` larger than the held-out sentences give) sentences are read again.
+    The same arguments give the same utterances (audio and texts) every time, and no held-out sentence is read twice;
+    ``n`` larger than the held-out sentences allow (about 430 at the default caps) is a ``ValueError``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, not {n}")
