@@ -215,7 +215,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> TrainingBatch:
 
 def has_language(utt, language: str) -> bool:
     """Whether every sentence of ``utt`` has a reference in ``language`` (German exists for Ding's sentences)."""
-    return all(getattr(s, language, None) for s in utt.sentences)
+    return bool(utt.sentences) and all(getattr(s, language, None) for s in utt.sentences)
 
 
 class Collator:

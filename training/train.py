@@ -34,6 +34,8 @@ from training.sequence import MAX_SEQUENCE_TOKENS, Collator, has_language
 
 logger = logging.getLogger("training.train")
 
+# The corpus file scripts/setup_training_data.sh builds.
+DEFAULT_CORPUS = Path("build/train_data/corpus.jsonl.xz")
 # Arguments that define the model: taken from state.json on resume.
 MODEL_ARGS = ("tiny", "lora_rank", "lora_alpha", "lora_dropout", "seed")
 
@@ -47,9 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="the tiny preset with a random LLM (CPU debugging, tests)")
     p.add_argument("--fake-data", action="store_true", help="random audio and fixed texts (training.fake_data)")
-    p.add_argument("--corpus", type=Path, default=None, help="training.data's corpus path")
-    p.add_argument("--data-args", default="{}", help="JSON keyword arguments for training.data's SpeechDataset")
-    p.add_argument("--eval-split", default="test", help="split of the held-out utterance decoded in the log")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help=f"corpus file (default {DEFAULT_CORPUS})")
+    p.add_argument("--data-args", default="{}", help="JSON keyword arguments for the SpeechDataset (or FakeDataset)")
+    p.add_argument("--eval-split", default="heldout", help="split of the held-out utterance decoded in the log")
     p.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 1)))
     p.add_argument("--lr", type=float, default=5e-4, help="peak lr of the speech frontend and CTC head")
     p.add_argument("--lora-lr", type=float, default=2e-4, help="peak lr of the LoRA pairs")
@@ -126,8 +128,12 @@ class Data:
 
     def batches(self):
         """Batches forever (epoch after epoch)."""
+        epoch = 0
         while True:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
             yield from self.loader
+            epoch += 1
 
 
 def open_dataset(args: argparse.Namespace, split: str, seed: int):
@@ -141,9 +147,10 @@ def open_dataset(args: argparse.Namespace, split: str, seed: int):
     from training.data.dataset import SpeechDataset
     from training.data.trajectories import turn_targets
 
-    if args.corpus is None:
-        raise SystemExit("--corpus is required (or --fake-data)")
-    return SpeechDataset(args.corpus, split, **json.loads(args.data_args)), turn_targets
+    kwargs = {"seed": seed} | json.loads(args.data_args)
+    if split != "train":  # one fixed held-out utterance, for the decode log
+        kwargs = {"num_examples": 1} | {k: v for k, v in kwargs.items() if k in ("max_seconds", "min_seconds")}
+    return SpeechDataset(args.corpus, split, **kwargs), turn_targets
 
 
 def first_utterance(dataset):
@@ -379,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the DataLoader forks after the tokenizer ran
     args = parse_args(argv)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
