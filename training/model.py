@@ -31,6 +31,9 @@ from training.sequence import CTC_ALPHABET, IGNORE, TrainingBatch
 
 logger = logging.getLogger(__name__)
 
+# Init std of the projection into the LLM's embedding space (see TrainingModel.__init__).
+PROJ_INIT_STD = 0.01
+
 
 @dataclass(slots=True)
 class LoRAConfig:
@@ -63,6 +66,10 @@ class TrainingModel(nn.Module):
         self.ctc_weight = ctc_weight
         torch_state = torch.random.get_rng_state()
         self.speech = SpeechFrontend(cfg.speech_encoder, cfg.llm.hidden_size)
+        # Speech rows start at the token embeddings' scale (SmolLM2's: about 0.14 per dimension), not at nn.Linear's
+        # default, which gives rows a few times longer than any token's.
+        nn.init.normal_(self.speech.proj.weight, std=PROJ_INIT_STD)
+        nn.init.zeros_(self.speech.proj.bias)
         self.ctc_head = nn.Linear(cfg.speech_encoder.embed_dim, len(CTC_ALPHABET) + 1)
         torch.random.set_rng_state(torch_state)
         self.llm = llm

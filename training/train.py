@@ -170,6 +170,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.stop_requested = False
         self._saved_step: int | None = None
+        self._decode_cost = 30.0  # seconds, until one is measured
         resumed = checkpoint.has_run(self.out)
         state, tensors = checkpoint.load_run(self.out) if resumed else ({}, {})
         if resumed:
@@ -248,7 +249,9 @@ class Trainer:
                 self._log(window, batch.m)
                 window = dict.fromkeys(window, 0) | {"audio_s": 0.0, "time": 0.0}
             if args.decode_every and self.step % args.decode_every == 0:
+                t = time.monotonic()
                 self.decode_heldout()
+                self._decode_cost = time.monotonic() - t
             if args.save_every and self.step % args.save_every == 0:
                 t = time.monotonic()
                 self.save()
@@ -277,7 +280,8 @@ class Trainer:
         if self.args.minutes is None:
             return False
         recent = step_times[-20:] or [0.0]
-        needed = 2 * max(recent) + save_cost + 5.0
+        decode = self._decode_cost if self.args.decode_every and (self.step + 1) % self.args.decode_every == 0 else 0
+        needed = 2 * max(recent) + decode + save_cost + 5.0
         return time.monotonic() - self.started + needed > self.args.minutes * 60
 
     def _install_signal_handlers(self) -> None:
