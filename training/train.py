@@ -271,8 +271,12 @@ class Trainer:
             losses = self.model(batch)
         losses.loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        self.optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        if torch.isfinite(losses.loss.detach()) and torch.isfinite(norm):
+            self.optimizer.step()
+        else:  # one bad batch must not poison the weights: skip its update
+            self.totals["skipped"] = self.totals.get("skipped", 0) + 1
+            logger.warning("step %d: non-finite loss or gradient, update skipped", self.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         return losses
 
