@@ -37,7 +37,7 @@ logger = logging.getLogger("training.train")
 # The corpus file scripts/setup_training_data.sh builds.
 DEFAULT_CORPUS = Path("build/train_data/corpus.jsonl.xz")
 # Arguments that define the model: taken from state.json on resume.
-MODEL_ARGS = ("tiny", "lora_rank", "lora_alpha", "lora_dropout", "seed")
+MODEL_ARGS = ("tiny", "random_llm", "lora_rank", "lora_alpha", "lora_dropout", "seed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="utterances per batch (default 16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="the tiny preset with a random LLM (CPU debugging, tests)")
+    p.add_argument(
+        "--random-llm",
+        action="store_true",
+        help="the real preset's sizes with a random LLM: step time and memory without the SmolLM2 file (no model)",
+    )
     p.add_argument("--fake-data", action="store_true", help="random audio and fixed texts (training.fake_data)")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help=f"corpus file (default {DEFAULT_CORPUS})")
     p.add_argument("--data-args", default="{}", help="JSON keyword arguments for the SpeechDataset (or FakeDataset)")
@@ -178,7 +183,7 @@ class Trainer:
                 setattr(args, name, state["args"][name])
         self.step = int(state.get("step", 0))
         self.totals = dict(state.get("totals", {"tokens": 0, "targets": 0, "audio_s": 0.0, "train_s": 0.0}))
-        base = state.get("base_llm") or base_llm_info(args.tiny, args.seed)
+        base = state.get("base_llm") or base_llm_info(args.tiny, args.seed, full_size=args.random_llm)
         torch.manual_seed(args.seed)
         lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout)
         self.model, self.tokenizer, self.cfg = build_training_model(base, lora, args.ctc_weight, args.gguf)

