@@ -59,6 +59,7 @@ import torch
 from infinisst_backend.config import DTYPES, SAMPLE_RATE, EngineConfig
 from infinisst_backend.engine.engine import Engine
 from infinisst_backend.engine.events import StreamError, StreamFinished, TextDelta, TurnEnded
+from infinisst_backend.engine.scheduler import PREFILL
 from infinisst_backend.errors import CapacityError
 from infinisst_backend.model.checkpoint import WEIGHTS_FILE, load_checkpoint
 from training import metrics
@@ -439,42 +440,26 @@ def evaluate_wavs(args: argparse.Namespace) -> dict:
 
 
 class MarginRecorder:
-    """Records, per stream and turn, the top-1 - top-2 margin of the logits of each step of an engine.
-
-    The engine's runner's ``prefill`` and ``decode`` are wrapped on this instance only: a prefill step opens a turn
-    for each of its streams (one logits row each), a decode step adds one step to each (greedy: one row per stream);
-    the step's streams are the engine's last ``step_records`` entry, written before the step runs.
-    """
+    """Records, per stream and turn, the top-1 - top-2 margin of the logits of each step of an engine (through its
+    public ``logits_hook``): a prefill step opens a turn for each of its streams (one logits row each), a decode
+    step adds one step to each (greedy: one row per stream)."""
 
     def __init__(self, engine: Engine):
         from benchmarks.lib.parity import top2_margins
 
         self.turns: dict[str, list[list[float]]] = {}
-        runner = engine.runner
-        prefill, decode = runner.prefill, runner.decode
 
-        def margins(logits: torch.Tensor, new_turn: bool) -> None:
-            stream_ids = engine.step_records[-1].stream_ids
-            if logits.shape[0] != len(stream_ids):
+        def record(phase: str, streams: list, logits: torch.Tensor, offsets: list[int]) -> None:
+            if logits.shape[0] != len(streams):
                 raise RuntimeError("parity needs greedy decoding (one logits row per stream)")
-            for stream_id, margin in zip(stream_ids, top2_margins(logits)):
-                turns = self.turns.setdefault(stream_id, [])
-                if new_turn:
+            for stream, margin in zip(streams, top2_margins(logits)):
+                turns = self.turns.setdefault(stream.id, [])
+                if phase == PREFILL:
                     turns.append([margin])
                 else:
                     turns[-1].append(margin)
 
-        def recorded_prefill(*a, **kw):
-            logits = prefill(*a, **kw)
-            margins(logits, True)
-            return logits
-
-        def recorded_decode(*a, **kw):
-            logits = decode(*a, **kw)
-            margins(logits, False)
-            return logits
-
-        runner.prefill, runner.decode = recorded_prefill, recorded_decode
+        engine.logits_hook = record
 
 
 def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:

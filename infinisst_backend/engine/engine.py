@@ -133,6 +133,16 @@ class Engine:
     def turn_length_hook(self, hook: Callable[[int, int], int] | None) -> None:
         self._executor.turn_length_hook = hook
 
+    @property
+    def logits_hook(self):
+        """Observer hook (evaluation, parity): ``logits_hook(phase, streams, logits, offsets)`` sees each step's raw
+        logits before the decoders step; stream i's rows are ``logits[offsets[i] : offsets[i + 1]]``."""
+        return self._executor.logits_hook
+
+    @logits_hook.setter
+    def logits_hook(self, hook) -> None:
+        self._executor.logits_hook = hook
+
     @classmethod
     def from_checkpoint(cls, path, cfg: EngineConfig, on_event: Callable[[Event], None] | None = None) -> Engine:
         from infinisst_backend.config import DTYPES

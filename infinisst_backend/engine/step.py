@@ -60,6 +60,9 @@ class Executor:
         # Benchmark hook (dummy weights never emit EOT): turn_length_hook(m, max_new_tokens) caps each new turn's
         # length (forced_turns.TurnLengths.draw). None in every real deployment.
         self.turn_length_hook: Callable[[int, int], int] | None = None
+        # Observer hook (evaluation, parity): logits_hook(phase, streams, logits, offsets) sees each step's logits
+        # before the decoders step: stream i's rows are logits[offsets[i] : offsets[i + 1]] (raw, unprocessed).
+        self.logits_hook: Callable[[str, list[Stream], torch.Tensor, list[int]], None] | None = None
         # Per system prompt (its token ids), the last stream that started with it: new streams share its pages.
         self._system_prompts: dict[tuple[int, ...], Stream] = {}
 
@@ -72,6 +75,8 @@ class Executor:
             self.counters["decode_steps"] += 1
             logits = self._decode(plan.streams)
             offsets = list(itertools.accumulate((len(s.turn.rows) for s in plan.streams), initial=0))
+        if self.logits_hook is not None:
+            self.logits_hook(plan.phase, plan.streams, logits, offsets)
         return StepOutput(plan.streams, self._decoding_steps(plan.streams, logits, offsets))
 
     # -- prefill ---------------------------------------------------------------------------------------------------
