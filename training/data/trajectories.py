@@ -32,12 +32,10 @@ import logging
 import math
 from collections.abc import Sequence
 
-from infinisst_backend.config import SAMPLE_RATE, SAMPLES_PER_UNIT
+from infinisst_backend.config import SAMPLE_RATE, SAMPLES_PER_UNIT, TOKENS_PER_UNIT
 from training.data.utterances import LANGUAGES, Utterance
 
 log = logging.getLogger(__name__)
-
-TOKENS_PER_UNIT = 10
 
 
 def chunk_count(utt: Utterance, m: int) -> int:
