@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 import torch
@@ -105,3 +106,33 @@ def run_alone(model_bundle, audio: np.ndarray, language: str, m: int, decoding: 
     engine.add_audio("solo", audio, tag=0, end=True)
     engine.run_until_idle()
     return collect(engine.events, "solo")
+
+
+# ---------------------------------------------------------------------------------------------- training data
+
+
+def made_up_sentences(n: int, offset: int = 0) -> list[str]:
+    """``n`` distinct English sentences (a corpus for the training-data tests; not Brown, not Ding)."""
+    subjects = ["The old farmer", "A young teacher", "My brother", "The small dog", "Our neighbour", "The pilot"]
+    verbs = ["painted", "carried", "found", "watched", "repaired", "described"]
+    objects = ["the red barn", "a heavy box", "the broken clock", "three letters", "the garden gate", "a blue boat"]
+    combos = list(itertools.product(subjects, verbs, objects))
+    return [f"{s} {v} {o} on day {offset + i}." for i, (s, v, o) in enumerate(combos[offset : offset + n])]
+
+
+def small_corpus_records(brown: int, ding: int):
+    """A small corpus through ``training.data.corpus.build_records``: ``brown`` made-up sentences, ``ding`` made-up
+    pairs with German, a fake Spanish translation instead of Apertium, a 20% held-out split."""
+    from training.data import corpus
+
+    brown_lines = [(f"brown/ca01/{i}", s) for i, s in enumerate(made_up_sentences(brown), 1)]
+    pairs = [
+        (f"ding/{i}/0", s, f"Der Satz Nummer {i} auf Deutsch.") for i, s in enumerate(made_up_sentences(ding, brown))
+    ]
+    return corpus.build_records(
+        brown_lines,
+        pairs,
+        translate=lambda xs: [f"es {x.lower()}" for x in xs],
+        heldout_fraction=0.2,
+        heldout_min=10,
+    )

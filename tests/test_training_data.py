@@ -1,7 +1,6 @@
 """training.data: corpus building and split, eSpeak synthesis and word times, augmentation, utterances, turn targets,
 the dataset and its held-out set, the demo sample. Runs on a small corpus built here through the same code."""
 
-import itertools
 import json
 import math
 import shutil
@@ -15,6 +14,7 @@ pytest.importorskip(
 
 import torch  # noqa: E402
 
+from tests.support import made_up_sentences, small_corpus_records  # noqa: E402
 from training.data import augment as aug  # noqa: E402
 from training.data import corpus, speech  # noqa: E402
 from training.data.dataset import SpeechDataset, heldout_set  # noqa: E402
@@ -27,23 +27,9 @@ CHUNK_S = 0.96
 # --- a small corpus, through corpus.build_records -------------------------------------------------------------------
 
 
-def _english_sentences(n: int, offset: int = 0) -> list[str]:
-    subjects = ["The old farmer", "A young teacher", "My brother", "The small dog", "Our neighbour", "The pilot"]
-    verbs = ["painted", "carried", "found", "watched", "repaired", "described"]
-    objects = ["the red barn", "a heavy box", "the broken clock", "three letters", "the garden gate", "a blue boat"]
-    combos = list(itertools.product(subjects, verbs, objects))
-    return [f"{s} {v} {o} on day {offset + i}." for i, (s, v, o) in enumerate(combos[offset : offset + n])]
-
-
-def _fake_spanish(sentences: list[str]) -> list[str]:
-    return [f"es {s.lower()}" for s in sentences]
-
-
 @pytest.fixture(scope="module")
 def records():
-    brown = [(f"brown/ca01/{i}", s) for i, s in enumerate(_english_sentences(80), 1)]
-    ding = [(f"ding/{i}/0", s, f"Der Satz Nummer {i} auf Deutsch.") for i, s in enumerate(_english_sentences(40, 80))]
-    return corpus.build_records(brown, ding, translate=_fake_spanish, heldout_fraction=0.2, heldout_min=10)
+    return small_corpus_records(80, 40)
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +76,11 @@ def test_split_is_blocks_deterministic_and_large_enough(records):
     held = [r for r in records if r.split == "heldout"]
     assert len(held) >= 10 and {r.source for r in held} == {"brown", "ding"}
     assert all(r.de for r in records if r.source == "ding") and not any(r.de for r in records if r.source == "brown")
-    brown = [(f"brown/ca01/{i}", s) for i, s in enumerate(_english_sentences(80), 1)]
-    again = corpus.build_records(brown, [], translate=_fake_spanish, heldout_fraction=0.2, heldout_min=10)
+    brown = [(f"brown/ca01/{i}", s) for i, s in enumerate(made_up_sentences(80), 1)]
+    spanish = lambda xs: [f"es {x.lower()}" for x in xs]  # noqa: E731
+    again = corpus.build_records(brown, [], translate=spanish, heldout_fraction=0.2, heldout_min=10)
     ids = {r.id for r in again if r.split == "heldout"}
-    assert ids == {r.id for r in corpus.build_records(brown, [], _fake_spanish, 0.2, 10) if r.split == "heldout"}
+    assert ids == {r.id for r in corpus.build_records(brown, [], spanish, 0.2, 10) if r.split == "heldout"}
     index = [i for i, r in enumerate(again) if r.split == "heldout"]
     assert len(index) == corpus.HELDOUT_BLOCK and index == list(range(index[0], index[0] + len(index)))
     # At least the minimum, and a corpus-wide fraction.

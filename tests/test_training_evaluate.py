@@ -8,7 +8,6 @@ scores are right; the parity comparison finds the first differing step and the r
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import numpy as np
@@ -23,7 +22,7 @@ pytest.importorskip("sacrebleu")
 from infinisst_backend.engine.engine import Engine  # noqa: E402
 from infinisst_backend.model import demo  # noqa: E402
 from infinisst_backend.model.checkpoint import load_checkpoint  # noqa: E402
-from tests.support import collect  # noqa: E402
+from tests.support import collect, small_corpus_records  # noqa: E402
 from training import evaluate, metrics  # noqa: E402
 from training.data import corpus  # noqa: E402
 from training.data.dataset import heldout_set  # noqa: E402
@@ -52,21 +51,9 @@ def checkpoint(tmp_path_factory):
     return out
 
 
-def _english_sentences(n: int, offset: int = 0) -> list[str]:
-    subjects = ["The old farmer", "A young teacher", "My brother", "The small dog", "Our neighbour", "The pilot"]
-    verbs = ["painted", "carried", "found", "watched", "repaired", "described"]
-    objects = ["the red barn", "a heavy box", "the broken clock", "three letters", "the garden gate", "a blue boat"]
-    combos = list(itertools.product(subjects, verbs, objects))
-    return [f"{s} {v} {o} on day {offset + i}." for i, (s, v, o) in enumerate(combos[offset : offset + n])]
-
-
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory):
-    brown = [(f"brown/ca01/{i}", s) for i, s in enumerate(_english_sentences(60), 1)]
-    ding = [(f"ding/{i}/0", s, f"Der Satz Nummer {i} auf Deutsch.") for i, s in enumerate(_english_sentences(30, 60))]
-    records = corpus.build_records(
-        brown, ding, translate=lambda xs: [f"es {x.lower()}" for x in xs], heldout_fraction=0.2, heldout_min=10
-    )
+    records = small_corpus_records(60, 30)
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl.xz"
     corpus.write_corpus(records, path)
     return path

@@ -1,44 +1,26 @@
 """A stand-in for ``training.data``: random audio and fixed turn texts, for tests and smoke runs (``--fake-data``).
 
-It follows the data pipeline's contract: utterances with ``id``, ``audio`` (float32, 16 kHz), ``voice``, ``split``
-and ``sentences`` (``en``, ``es``, ``de`` or None, ``start_s``, ``end_s``, ``word_ends``), and :func:`turn_targets`
-giving one text per chunk of 0.96*m s.
+Its utterances are the data pipeline's (:class:`training.data.utterances.Utterance`), made of noise and fixed word
+lists instead of synthesised speech; their turn targets come from :func:`training.data.trajectories.turn_targets`
+like the real ones' (re-exported here as :func:`turn_targets`).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 
-from infinisst_backend.config import SAMPLE_RATE, SAMPLES_PER_UNIT
+from infinisst_backend.config import SAMPLE_RATE
+from training.data.trajectories import turn_targets
+from training.data.utterances import Sentence, Utterance
+
+__all__ = ["FakeDataset", "make_utterance", "turn_targets"]
 
 _WORDS = {
     "en": "the cat sat on a mat and the dog ran to the park".split(),
     "es": "el gato se sentó en una alfombra y el perro corrió al parque".split(),
     "de": "die katze saß auf einer matte und der hund lief in den park".split(),
 }
-
-
-@dataclass(slots=True)
-class Sentence:
-    en: str
-    es: str
-    de: str | None
-    start_s: float
-    end_s: float
-    word_ends: list[float] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class Utterance:
-    id: str
-    audio: np.ndarray
-    voice: str
-    split: str
-    sentences: list[Sentence]
 
 
 def make_utterance(rng: np.random.Generator, index: int, seconds: float, split: str = "train") -> Utterance:
@@ -68,17 +50,3 @@ class FakeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Utterance:
         return self.items[i]
-
-
-def turn_targets(utt, language: str, m: int, tokenizer=None, max_tokens: int | None = None) -> list[str]:
-    """Each word in the chunk where it ends (English timings for every language), one text per chunk."""
-    chunk_s = SAMPLES_PER_UNIT * m / SAMPLE_RATE
-    chunks = math.ceil(len(utt.audio) / (SAMPLES_PER_UNIT * m))
-    turns: list[list[str]] = [[] for _ in range(chunks)]
-    for sentence in utt.sentences:
-        words = getattr(sentence, language).split()
-        ends = sentence.word_ends
-        for i, word in enumerate(words):
-            end = ends[min(len(ends) - 1, i * len(ends) // len(words))]
-            turns[min(chunks - 1, int(end // chunk_s))].append(word)
-    return [" ".join(words) for words in turns]
