@@ -1,4 +1,4 @@
-"""training.evaluate and training.metrics: the held-out evaluation through the streaming engine, on the tiny random
+"""training.evaluate and client.metrics: the held-out evaluation through the streaming engine, on the tiny random
 demo checkpoint (float64) and a small corpus built here through training.data.
 
 The tool runs end to end in its three modes and writes its reports; a stream's output, run among others in the
@@ -19,11 +19,12 @@ pytest.importorskip(
 pytest.importorskip("jiwer")
 pytest.importorskip("sacrebleu")
 
+from client import metrics  # noqa: E402
 from infinisst_backend.engine.engine import Engine  # noqa: E402
 from infinisst_backend.model import demo  # noqa: E402
 from infinisst_backend.model.checkpoint import load_checkpoint  # noqa: E402
 from tests.support import collect, small_corpus_records  # noqa: E402
-from training import evaluate, metrics  # noqa: E402
+from training import evaluate  # noqa: E402
 from training.data import corpus  # noqa: E402
 from training.data.dataset import heldout_set  # noqa: E402
 

@@ -15,7 +15,7 @@
 END with the last piece, for every target language it has a reference in (``de`` only for Ding sentences) and every
 ``m``; ``--streams`` streams run at once (as many as admission allows). No pacing: this measures quality, not
 latency. Each stream's output is its text deltas joined as the engine emits them. Scores
-(:mod:`training.metrics`): English WER with jiwer after normalisation, Spanish and German corpus BLEU and chrF
+(:mod:`client.metrics`): English WER with jiwer after normalisation, Spanish and German corpus BLEU and chrF
 with sacrebleu, and the mean hypothesis/reference length ratio. ``OUT.json`` holds every figure, the command, the
 checkpoint and its weights' hash, the device and the git commit; ``OUT.md`` a table and the command. Examples
 (reference, hypothesis) are written for English only: the Spanish and German references are GPL text (Apertium,
@@ -56,13 +56,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client import metrics
 from infinisst_backend.config import DTYPES, SAMPLE_RATE, EngineConfig
 from infinisst_backend.engine.engine import Engine
 from infinisst_backend.engine.events import StreamError, StreamFinished, TextDelta, TurnEnded
 from infinisst_backend.engine.scheduler import PREFILL
 from infinisst_backend.errors import CapacityError
 from infinisst_backend.model.checkpoint import WEIGHTS_FILE, load_checkpoint
-from training import metrics
 
 logger = logging.getLogger(__name__)
 

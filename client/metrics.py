@@ -1,4 +1,4 @@
-"""Scores of the held-out evaluation (:mod:`training.evaluate`): English WER, Spanish and German BLEU and chrF.
+"""Translation and transcription scores (:mod:`training.evaluate`, :mod:`client.evaluate`): WER, BLEU and chrF.
 
 English (transcription) is scored by word error rate with ``jiwer`` after :func:`normalize_text` on both sides:
 
