@@ -9,6 +9,7 @@ streaming engine decodes what the training model decodes.
 from __future__ import annotations
 
 import argparse
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -234,3 +235,27 @@ def test_fake_dataset_follows_the_contract():
     texts = fake_turn_targets(utt, "en", 1)
     assert len(texts) == -(-len(utt.audio) // SAMPLES_PER_UNIT)
     assert " ".join(t for t in texts if t) == utt.sentences[0].en
+
+
+def test_length_buckets_batch_similar_lengths_and_lose_nothing():
+    """A DataLoader over LengthBuckets (2 workers) yields every utterance once, each batch sorted-adjacent: its
+    lengths are consecutive in the pool's sorted order, so a batch spans far less than the whole range."""
+    from training.train import LengthBuckets
+
+    class Lengths(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            order = np.random.default_rng(info.id if info else 0).permutation(64)
+            for n in (int(k) + 1 for k in order):  # each worker: 64 utterances of 1..64 samples, shuffled
+                yield SimpleNamespace(audio=np.zeros(n, np.float32), id=(info.id if info else 0, n))
+
+    def spans(dataset) -> list[int]:
+        batches = list(torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=list))
+        ids = [u.id for b in batches for u in b]
+        assert len(ids) == 128 and len(set(ids)) == 128
+        return [max(len(u.audio) for u in b) - min(len(u.audio) for u in b) for b in batches]
+
+    # A pool holds 32 of a worker's 64 lengths, about 2 apart once sorted: a batch of 4 spans ~6, against ~38 for 4
+    # lengths drawn at random from 1..64.
+    assert np.mean(spans(LengthBuckets(Lengths(), batch=4, pool=8, seed=0))) < 10
+    assert np.mean(spans(Lengths())) > 25

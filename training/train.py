@@ -11,10 +11,12 @@ greedy decodes of a held-out utterance every ``--decode-every`` steps. See :mod:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
 import os
+import random
 import resource
 import signal
 import sys
@@ -57,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help=f"corpus file (default {DEFAULT_CORPUS})")
     p.add_argument("--data-args", default="{}", help="JSON keyword arguments for the SpeechDataset (or FakeDataset)")
     p.add_argument("--eval-split", default="heldout", help="split of the held-out utterance decoded in the log")
+    p.add_argument(
+        "--bucket-pool",
+        type=int,
+        default=16,
+        help="batches' worth of utterances each worker sorts by length before batching (1: no bucketing)",
+    )
     p.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 1)))
     p.add_argument("--lr", type=float, default=5e-4, help="peak lr of the speech frontend and CTC head")
     p.add_argument("--lora-lr", type=float, default=2e-4, help="peak lr of the LoRA pairs")
@@ -102,12 +110,44 @@ def parse_weights(text: str) -> dict[str, float]:
     return out
 
 
+class LengthBuckets(torch.utils.data.IterableDataset):
+    """Batches of similar lengths from an iterable dataset of utterances, so that a batch pads less: each worker
+    reads ``pool`` batches' worth of utterances, sorts them by duration, cuts them into runs of ``batch`` and yields
+    the runs in a random order. The DataLoader (same ``batch`` size) then batches each run as it is, since a worker's
+    batches are consecutive items of its own iterator. ``set_epoch`` goes to the wrapped dataset."""
+
+    def __init__(self, dataset: torch.utils.data.IterableDataset, batch: int, pool: int = 16, seed: int = 0):
+        self.dataset, self.batch, self.pool, self.seed = dataset, batch, pool, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(hash((self.seed, self.epoch, info.id if info else 0)))
+        items = iter(self.dataset)
+        while True:
+            pool = list(itertools.islice(items, self.batch * self.pool))
+            if not pool:
+                return
+            pool.sort(key=lambda utt: len(utt.audio))
+            runs = [pool[i : i + self.batch] for i in range(0, len(pool), self.batch)]
+            rng.shuffle(runs)
+            for run in runs:
+                yield from run
+
+
 class Data:
     """The dataset, turn-target function and DataLoader of a run."""
 
     def __init__(self, args: argparse.Namespace, tokenizer, builder: PromptBuilder, seed: int):
         self.args = args
         self.dataset, self.targets_fn = open_dataset(args, "train", seed)
+        if isinstance(self.dataset, torch.utils.data.IterableDataset) and args.bucket_pool > 1:
+            self.dataset = LengthBuckets(self.dataset, args.batch, args.bucket_pool, seed)
         self.collator = Collator(
             tokenizer,
             builder,
