@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -103,19 +102,3 @@ def test_unreachable_server_fails_before_any_stream(tmp_path):
     argv = ["--url", "127.0.0.1:9", "--source", str(tmp_path / "src.txt"), "--target", str(tmp_path / "ref.txt")]
     assert evaluate.main([*argv, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert not (tmp_path / "out").exists()
-
-
-def test_missing_audio_file_is_named(tmp_path):
-    (tmp_path / "src.txt").write_text("nowhere.wav\n")
-    (tmp_path / "ref.txt").write_text("Hallo.\n")
-    with pytest.raises(evaluate.EvaluationError, match="nowhere.wav"):
-        evaluate.read_inputs(tmp_path / "src.txt", tmp_path / "ref.txt")
-
-
-def test_paths_relative_to_the_source_list(tmp_path):
-    clip = Path(sample_file(CLIPS[0]))
-    (tmp_path / "a.wav").write_bytes(clip.read_bytes())
-    (tmp_path / "src.txt").write_text("a.wav\n")
-    (tmp_path / "ref.txt").write_text("Hallo.\n\n")
-    files, refs = evaluate.read_inputs(tmp_path / "src.txt", tmp_path / "ref.txt")
-    assert files == [tmp_path / "a.wav"] and refs == ["Hallo."]
