@@ -2,10 +2,14 @@
 
     python -m client.evaluate --url HOST:PORT --source SRC.txt --target REF.txt --language LANG
         --latency-multiplier M --concurrency 1,8,32 --out DIR [--piece-seconds 0.32] [--seed 0]
+    python -m client.evaluate ... --segments TALKS.yaml [--wav-dir DIR] --target REF.txt ...   (long-form)
 
 Inputs follow SimulEval: ``SRC.txt`` lists audio files (one per line, relative to the list's folder or absolute),
 ``REF.txt`` their references (one per line). Any rate or channel count is read (resampled to 16 kHz mono, with a
-note). Long-form input (a MuST-C segment YAML with per-segment references) is not supported yet.
+note). Long-form: ``TALKS.yaml`` is a MuST-C segment YAML (``{duration, offset, speaker_id, wav}`` per segment,
+seconds) and ``REF.txt`` has one reference per segment in YAML order; each talk (the segments of one ``wav``) is
+one "file" played whole from 0 to the end of its last segment, and is scored with OmniSTEval's long-form path
+(the talk's output resegmented against its segment references).
 
 At each concurrency N (N = 1 always runs first: it is the baseline of the invariance check) the run has
 ``max(N, files)`` streams: stream j plays file ``j mod files`` from its first sample to its last, and is the
@@ -112,6 +116,98 @@ def read_inputs(source: Path, target: Path) -> tuple[list[Path], list[str]]:
     if empty:
         raise EvaluationError(f"empty reference(s) in {target} at line(s) {empty}")
     return files, references
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One segment of a talk (MuST-C YAML): where it is in the talk's audio (seconds) and its reference."""
+
+    offset_s: float
+    duration_s: float
+    reference: str
+    speaker_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Talk:
+    """The segments sharing one ``wav``, sorted by offset: one long-form stream of the talk's audio."""
+
+    wav: Path
+    segments: tuple[Segment, ...]
+
+    @property
+    def end_s(self) -> float:
+        """Where the talk's stream ends: the end of its last segment."""
+        return max(s.offset_s + s.duration_s for s in self.segments)
+
+    @property
+    def reference(self) -> str:
+        return " ".join(s.reference for s in self.segments)
+
+    def scoring_segments(self) -> list[tuple[float, float, str]]:
+        """``(offset s, duration s, reference)`` per segment, as :func:`client.instances.omnisteval_scores` takes."""
+        return [(s.offset_s, s.duration_s, s.reference) for s in self.segments]
+
+
+def read_segments(segments: Path, target: Path, wav_dir: Path | None = None) -> list[Talk]:
+    """The talks of a MuST-C segment YAML and its per-segment references (one line per segment, in YAML order),
+    checked: a list of ``{duration, offset, wav}`` mappings, every talk's audio exists (relative to ``wav_dir`` or
+    the YAML's folder), one non-empty reference per segment. Talks are in order of first appearance; segments
+    sorted by offset."""
+    import yaml
+
+    for path in (segments, target):
+        if not path.is_file():
+            raise EvaluationError(f"no such file: {path}")
+    try:
+        entries = yaml.safe_load(segments.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise EvaluationError(f"{segments} is not valid YAML: {e}") from None
+    if not isinstance(entries, list) or not entries:
+        raise EvaluationError(f"{segments} must be a non-empty YAML list of {{duration, offset, wav}} segments")
+    references = [line.strip() for line in target.read_text(encoding="utf-8").splitlines()]
+    while references and not references[-1]:
+        references.pop()
+    if len(references) != len(entries):
+        raise EvaluationError(f"{segments} has {len(entries)} segments but {target} has {len(references)} references")
+    empty = [i + 1 for i, r in enumerate(references) if not r]
+    if empty:
+        raise EvaluationError(f"empty reference(s) in {target} at line(s) {empty}")
+    folder = wav_dir if wav_dir is not None else segments.parent
+    talks: dict[str, list[Segment]] = {}
+    for i, (entry, reference) in enumerate(zip(entries, references)):
+        where = f"{segments}: segment {i + 1}"
+        if not isinstance(entry, dict) or not {"duration", "offset", "wav"} <= entry.keys():
+            raise EvaluationError(f"{where} must be a mapping with duration, offset and wav, got {entry!r}")
+        try:
+            offset, duration = float(entry["offset"]), float(entry["duration"])
+        except (TypeError, ValueError):
+            raise EvaluationError(f"{where}: offset and duration must be numbers (seconds)") from None
+        if not (offset >= 0 and duration > 0):
+            raise EvaluationError(f"{where}: needs offset >= 0 and duration > 0, got {offset} and {duration}")
+        speaker = entry.get("speaker_id")
+        segment = Segment(offset, duration, reference, None if speaker is None else str(speaker))
+        talks.setdefault(str(entry["wav"]), []).append(segment)
+    out = []
+    for wav, talk_segments in talks.items():
+        path = Path(wav) if Path(wav).is_absolute() else folder / wav
+        out.append(Talk(path, tuple(sorted(talk_segments, key=lambda s: s.offset_s))))
+    missing = [str(t.wav) for t in out if not t.wav.is_file()]
+    if missing:
+        raise EvaluationError(f"missing audio file(s) named in {segments}: {', '.join(missing)}")
+    return out
+
+
+def load_talks(talks: list[Talk]) -> list[np.ndarray]:
+    """Each talk's audio (16 kHz mono) from 0 to the end of its last segment."""
+    out = []
+    for talk, audio in zip(talks, load_sources([t.wav for t in talks])):
+        end = round(talk.end_s * SAMPLE_RATE)
+        if end > len(audio) + SAMPLE_RATE // 100:
+            raise EvaluationError(f"{talk.wav} lasts {len(audio) / SAMPLE_RATE:.2f} s but a segment ends at "
+                                  f"{talk.end_s:.2f} s")  # fmt: skip
+        out.append(audio[:end])
+    return out
 
 
 def load_sources(files: list[Path]) -> list[np.ndarray]:
@@ -244,11 +340,28 @@ def _failed_record(plan: PlannedStream, files: list[Path], references: list[str]
     }
 
 
-def score_run(log_path: Path, concurrency: int, language: str | None, baseline: list[dict] | None) -> dict:
-    """The ``scores.json`` entry of one run, computed from its instances.log (and N = 1's, for invariance)."""
+def score_run(
+    log_path: Path,
+    concurrency: int,
+    language: str | None,
+    baseline: list[dict] | None,
+    talks: list[Talk] | None = None,
+) -> dict:
+    """The ``scores.json`` entry of one run, computed from its instances.log (and N = 1's, for invariance).
+
+    Long-form (``talks``): BLEU, chrF and WER are of the talks' outputs resegmented against the segment
+    references (OmniSTEval's SoftSegmenter), latency of the resegmented segments with OmniSTEval's long-form YAAL."""
     records = instances.read_instances(log_path)
-    omni = instances.omnisteval_scores(log_path)
-    hyps, refs = [r["prediction"] for r in records], [r["reference"] for r in records]
+    segments = None if talks is None else [t.scoring_segments() for t in talks]
+    omni = instances.omnisteval_scores(log_path, segments)
+
+    def hyps_refs(recs: list[dict]) -> tuple[list[str], list[str]]:
+        if segments is None:
+            return [r["prediction"] for r in recs], [r["reference"] for r in recs]
+        resegmented = instances.resegment_longform(recs, segments)
+        return [i.prediction for i in resegmented], [i.reference for i in resegmented]
+
+    hyps, refs = hyps_refs(records)
     bleu, chrf = metrics.corpus_bleu_chrf(hyps, refs)
     chunk = [x for r in records for x in r["chunk_latencies_s"]]
     drifts = [r["lag_drift"] for r in records if r["lag_drift"] is not None]
@@ -265,7 +378,7 @@ def score_run(log_path: Path, concurrency: int, language: str | None, baseline: 
         "al_ca_ms": omni.get("ca_long_al"),
         "yaal_cu_ms": omni.get("yaal"),
         "yaal_ca_ms": omni.get("ca_yaal"),
-        "longyaal_wall_ms": _wall_clock_longyaal(log_path),
+        "longyaal_wall_ms": instances.omnisteval_scores(log_path, segments, "wall_clock").get("ca_long_yaal"),
         "omnisteval_bleu": omni.get("bleu"),
         "omnisteval_chrf": omni.get("chrf"),
         "chunk_latency_p50_s": instances.percentile(chunk, 50),
@@ -278,29 +391,35 @@ def score_run(log_path: Path, concurrency: int, language: str | None, baseline: 
     if language is not None and language.lower() in SOURCE_LANGUAGES:
         run["wer"] = metrics.corpus_wer(hyps, refs)
     if baseline is not None:
-        by_file = {r["file_index"]: r["text"] for r in baseline}
-        same = [r["text"] == by_file.get(r["file_index"]) for r in records]
+        by_file = {r["file_index"]: r for r in baseline}
+        same = [r["text"] == by_file[r["file_index"]]["text"] for r in records]
         run["identical_to_n1"] = sum(same) / len(same)
-        baseline_hyps = [by_file[r["file_index"]] for r in records]
-        run["bleu_delta_vs_n1"] = bleu - metrics.corpus_bleu_chrf([" ".join(h.split()) for h in baseline_hyps], refs)[0]
+        baseline_hyps, baseline_refs = hyps_refs([by_file[r["file_index"]] for r in records])
+        run["bleu_delta_vs_n1"] = bleu - metrics.corpus_bleu_chrf(baseline_hyps, baseline_refs)[0]
     return run
 
 
-def _wall_clock_longyaal(log_path: Path) -> float | None:
-    """LongYAAL with the wall-clock emission times as the CA timestamps (load-aware latency)."""
-    import tempfile
-
-    records = instances.read_instances(log_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "instances.log"
-        instances.write_instances(path, [{**r, "elapsed": r["wall_clock"]} for r in records])
-        return instances.omnisteval_scores(path).get("ca_long_yaal")
-
-
-def evaluate(options: RunOptions, source: Path, target: Path, concurrency: list[int], out: Path) -> dict:
-    """Every run, its instances.log and scores.json; returns the scores."""
-    files, references = read_inputs(source, target)
-    audio = load_sources(files)
+def evaluate(
+    options: RunOptions,
+    source: Path | None,
+    target: Path,
+    concurrency: list[int],
+    out: Path,
+    segments: Path | None = None,
+    wav_dir: Path | None = None,
+) -> dict:
+    """Every run, its instances.log and scores.json; returns the scores. Short-form from ``source`` (a list of
+    audio files), or long-form from ``segments`` (a MuST-C YAML: one stream per talk)."""
+    talks = None
+    if segments is not None:
+        talks = read_segments(segments, target, wav_dir)
+        files, references = [t.wav for t in talks], [t.reference for t in talks]
+        audio = load_talks(talks)
+    elif source is not None:
+        files, references = read_inputs(source, target)
+        audio = load_sources(files)
+    else:
+        raise EvaluationError("give --source (short-form) or --segments (long-form)")
     check_server(options.url, options.model)
     levels = [1] + [n for n in dict.fromkeys(concurrency) if n != 1]
     runs, baseline = [], None
@@ -310,7 +429,7 @@ def evaluate(options: RunOptions, source: Path, target: Path, concurrency: list[
         instances.write_instances(log_path, records)
         if n == 1:
             baseline = records
-        runs.append({**score_run(log_path, n, options.language, baseline), **pacing})
+        runs.append({**score_run(log_path, n, options.language, baseline, talks), **pacing})
     scores = {
         "runs": runs,
         "settings": {
@@ -321,8 +440,10 @@ def evaluate(options: RunOptions, source: Path, target: Path, concurrency: list[
             "piece_seconds": options.piece_s,
             "seed": options.seed,
             "files": len(files),
-            "source": str(source),
+            "source": None if source is None else str(source),
             "target": str(target),
+            "segments": None if segments is None else str(segments),
+            "segment_count": None if talks is None else sum(len(t.segments) for t in talks),
         },
     }
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
@@ -343,9 +464,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m client.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="localhost:8001", help="Triton gRPC address (default %(default)s)")
     parser.add_argument("--model", default="infinisst", help="model name (default %(default)s)")
-    parser.add_argument("--source", type=Path, required=True, help="list of audio files, one per line")
-    parser.add_argument("--target", type=Path, required=True, help="references, one per line")
-    parser.add_argument("--segments", type=Path, default=None, help="MuST-C segment YAML (long-form; not yet)")
+    parser.add_argument("--source", type=Path, default=None, help="list of audio files, one per line (short-form)")
+    parser.add_argument("--target", type=Path, required=True, help="references, one per line (file or segment)")
+    parser.add_argument("--segments", type=Path, default=None, help="MuST-C segment YAML (long-form, whole talks)")
+    parser.add_argument("--wav-dir", type=Path, default=None, help="folder of the YAML's wavs (default: its folder)")
     parser.add_argument("--language", default=None, help="target language (server default if unset)")
     parser.add_argument("--latency-multiplier", type=int, default=None, help="m in 1..4 (server default if unset)")
     parser.add_argument("--concurrency", type=parse_concurrency, default=[1], help="e.g. 1,8,32 (N=1 always runs)")
@@ -359,8 +481,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--piece-seconds must be > 0")
     if args.latency_multiplier is not None and not 1 <= args.latency_multiplier <= 4:
         parser.error("--latency-multiplier must be in 1..4")
-    if args.segments is not None:
-        parser.error("--segments (long-form MuST-C YAML) is not supported yet: give one audio file per reference")
+    if (args.source is None) == (args.segments is None):
+        parser.error("give exactly one of --source (audio list, short-form) and --segments (MuST-C YAML, long-form)")
+    if args.wav_dir is not None and args.segments is None:
+        parser.error("--wav-dir goes with --segments")
     return args
 
 
@@ -378,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     try:
-        scores = evaluate(options, args.source, args.target, args.concurrency, args.out)
+        scores = evaluate(options, args.source, args.target, args.concurrency, args.out, args.segments, args.wav_dir)
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

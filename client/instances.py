@@ -118,19 +118,70 @@ def read_instances(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def omnisteval_scores(path: Path) -> dict[str, float | None]:
-    """OmniSTEval's scores of an ``instances.log`` (read by OmniSTEval's own loader, ``delays`` as CU and
-    ``elapsed`` as CA emissions in ms, word units): BLEU, chrF, and the latency metrics with ``long_`` (LongYAAL:
-    words emitted after the end of the source count, as they do for a live stream whose END flushes the tail) and
-    ``ca_`` (computation-aware) prefixes, plus short-form ``yaal``/``ca_yaal``. NaN (nothing to score) is None."""
+def omnisteval_scores(
+    path: Path, talks: Sequence[Sequence[tuple[float, float, str]]] | None = None, emission_ca_key: str = "elapsed"
+) -> dict[str, float | None]:
+    """OmniSTEval's scores of an ``instances.log`` (``delays`` as CU and ``emission_ca_key`` as CA emissions in
+    ms, word units): BLEU, chrF, and the latency metrics with ``long_`` (LongYAAL: words emitted after the end of
+    the source count, as they do for a live stream whose END flushes the tail) and ``ca_`` (computation-aware)
+    prefixes, plus short-form ``yaal``/``ca_yaal``. NaN (nothing to score) is None.
+
+    Short-form (``talks`` None): each line is one segment, read by OmniSTEval's own loader. Long-form: each line is
+    a whole talk, ``talks[record["file_index"]]`` its segments ``(offset s, duration s, reference)``; the lines are
+    first resegmented against the segment references (:func:`resegment_longform`) and the segments are scored."""
     from omnisteval import YAALScorer, evaluate_instances
     from omnisteval.io import load_shortform_instances
 
-    instances = load_shortform_instances(str(path), None, emission_cu_key="delays", emission_ca_key="elapsed")
+    if talks is None:
+        instances = load_shortform_instances(str(path), None, emission_cu_key="delays", emission_ca_key=emission_ca_key)
+    else:
+        instances = resegment_longform(read_instances(path), talks, emission_ca_key)
     scores, _, _ = evaluate_instances(instances, is_longform=True, fix_emission_ca_flag=True)
     scores["yaal"] = YAALScorer(computation_aware=False)(instances)
     scores["ca_yaal"] = YAALScorer(computation_aware=True)(instances)
     return {k: _finite(v) for k, v in scores.items()}
+
+
+def resegment_longform(
+    records: Sequence[dict], talks: Sequence[Sequence[tuple[float, float, str]]], emission_ca_key: str = "elapsed"
+) -> list:
+    """OmniSTEval's long-form resegmentation (SoftSegmenter) of talk-level records: a list of ``Instance``, one per
+    segment of each record's talk (``talks[record["file_index"]]``: ``(offset s, duration s, reference)`` in time
+    order), in record order, with emissions relative to the segment's offset.
+
+    Inputs go the way ``omnisteval longform --speech_segmentation YAML --ref_sentences_file REF --hypothesis_file
+    LOG --word_level`` takes them (its own loaders on files written here): every record becomes a recording of its
+    own (``stream<i>``), so streams that replay one talk are each scored against that talk's segments. ``elapsed``
+    holds per-word times already (not SimulEval's cumulative ones), so OmniSTEval's CA fix is not applied."""
+    import tempfile
+
+    import yaml
+    from omnisteval.io import load_resegmentation_inputs
+    from omnisteval.resegment import resegment
+
+    segmentation, references, hypotheses = [], [], []
+    for i, record in enumerate(records):
+        name = f"stream{i}"
+        for offset_s, duration_s, reference in talks[record["file_index"]]:
+            segmentation.append({"duration": float(duration_s), "offset": float(offset_s), "wav": f"{name}.wav"})
+            references.append(reference)
+        hypotheses.append({**record, "source": [f"{name}.wav"]})
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "segments.yaml").write_text(yaml.safe_dump(segmentation), encoding="utf-8")
+        (folder / "references.txt").write_text("".join(f"{r}\n" for r in references), encoding="utf-8")
+        write_instances(folder / "hypotheses.jsonl", hypotheses)
+        ref_words, hyp_words, segments, ref_sentences = load_resegmentation_inputs(
+            str(folder / "segments.yaml"),
+            None,
+            str(folder / "references.txt"),
+            str(folder / "hypotheses.jsonl"),
+            hypothesis_format="jsonl",
+            emission_cu_key="delays",
+            emission_ca_key=emission_ca_key,
+        )
+    instances, _ = resegment(ref_words, hyp_words, segments, ref_sentences)
+    return instances
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -101,7 +101,120 @@ def test_cli_errors(tmp_path, capsys):
     base = ["--source", "s.txt", "--target", "r.txt", "--out", str(tmp_path)]
     with pytest.raises(SystemExit):
         evaluate.parse_args([*base, "--segments", "talks.yaml"])
-    assert "not supported yet" in capsys.readouterr().err
+    assert "exactly one of --source" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([*base, "--wav-dir", "wavs"])
+    assert "--wav-dir goes with --segments" in capsys.readouterr().err
+    args = evaluate.parse_args(["--segments", "t.yaml", "--wav-dir", "w", "--target", "r.txt", "--out", "o"])
+    assert args.segments == Path("t.yaml") and args.wav_dir == Path("w") and args.source is None
     with pytest.raises(SystemExit):
         evaluate.parse_args([*base, "--concurrency", "1,x"])
     assert evaluate.parse_args([*base, "--concurrency", "1,8,32"]).concurrency == [1, 8, 32]
+
+
+def _talks_yaml(folder: Path, body: str, references: list[str]) -> tuple[Path, Path]:
+    (folder / "talks.yaml").write_text(body)
+    (folder / "ref.txt").write_text("".join(f"{r}\n" for r in references))
+    return folder / "talks.yaml", folder / "ref.txt"
+
+
+TALKS_YAML = """\
+- {duration: 1.5, offset: 2.0, speaker_id: spk.1, wav: a.wav}
+- {duration: 0.5, offset: 0.25, speaker_id: spk.1, wav: a.wav}
+- {duration: 1.0, offset: 0.0, speaker_id: spk.2, wav: b.wav}
+"""
+
+
+def test_segments_are_grouped_by_wav_and_sorted(tmp_path):
+    wavs = tmp_path / "wav"
+    wavs.mkdir()
+    for name in ("a.wav", "b.wav"):
+        (wavs / name).write_bytes(b"")
+    yaml_path, ref = _talks_yaml(tmp_path, TALKS_YAML, ["A zwei.", "A eins.", "B eins.", ""])
+    talks = evaluate.read_segments(yaml_path, ref, wav_dir=wavs)
+    assert [t.wav for t in talks] == [wavs / "a.wav", wavs / "b.wav"]
+    assert [(s.offset_s, s.duration_s, s.reference) for s in talks[0].segments] == [
+        (0.25, 0.5, "A eins."),
+        (2.0, 1.5, "A zwei."),
+    ]
+    assert talks[0].end_s == 3.5 and talks[0].reference == "A eins. A zwei." and talks[1].reference == "B eins."
+    assert talks[0].segments[0].speaker_id == "spk.1"
+    assert talks[1].scoring_segments() == [(0.0, 1.0, "B eins.")]
+
+
+def test_segment_errors(tmp_path):
+    (tmp_path / "a.wav").write_bytes(b"")
+    yaml_path, ref = _talks_yaml(tmp_path, TALKS_YAML, ["1", "2", "3"])
+    with pytest.raises(evaluate.EvaluationError, match="missing audio file.*b.wav"):
+        evaluate.read_segments(yaml_path, ref)  # relative to the YAML's folder: a.wav is there, b.wav is not
+    (tmp_path / "b.wav").write_bytes(b"")
+    assert len(evaluate.read_segments(yaml_path, ref)) == 2
+    yaml_path, ref = _talks_yaml(tmp_path, TALKS_YAML, ["1", "2"])
+    with pytest.raises(evaluate.EvaluationError, match="3 segments but .* 2 references"):
+        evaluate.read_segments(yaml_path, ref)
+    for body, match in [
+        ("- {duration: 1.0, offset: [0\n", "not valid YAML"),
+        ("duration: 1.0\n", "non-empty YAML list"),
+        ("- {duration: 1.0, wav: a.wav}\n", "segment 1 must be a mapping with duration, offset and wav"),
+        ("- {duration: x, offset: 0, wav: a.wav}\n", "must be numbers"),
+        ("- {duration: 0, offset: 0, wav: a.wav}\n", "duration > 0"),
+    ]:
+        yaml_path, ref = _talks_yaml(tmp_path, body, ["1"])
+        with pytest.raises(evaluate.EvaluationError, match=match):
+            evaluate.read_segments(yaml_path, ref)
+    with pytest.raises(evaluate.EvaluationError, match="no such file"):
+        evaluate.read_segments(tmp_path / "none.yaml", ref)
+
+
+def test_longform_log_scores_like_omnisteval_longform(tmp_path):
+    pytest.importorskip("omnisteval")
+    from omnisteval import evaluate_instances
+    from omnisteval.io import load_resegmentation_inputs
+    from omnisteval.resegment import resegment
+
+    # one talk of two segments (0-2 s, 2.5-4 s), played twice (two streams); made-up word timings
+    talk = [(0.0, 2.0, "Hallo Welt ."), (2.5, 1.5, "Wie geht es ?")]
+    words = "Hallo Welt . Wie geht es ?".split()
+    delays = [640.0, 1280.0, 1920.0, 2880.0, 3200.0, 3840.0, 4000.0]
+    records = [
+        {"index": j, "prediction": " ".join(words), "delays": delays, "elapsed": [d + 100.0 * (j + 1) for d in delays],
+         "wall_clock": [d + 300.0 for d in delays], "source_length": 4000.0, "reference": "Hallo Welt . Wie geht es ?",
+         "source": ["talk.wav"], "file_index": 0, "text": " ".join(words), "chunk_latencies_s": [0.1],
+         "lag_drift": None, "errors": []}
+        for j in range(2)
+    ]  # fmt: skip
+    log = tmp_path / "instances.log"
+    instances.write_instances(log, records)
+    scores = instances.omnisteval_scores(log, [talk])
+    assert scores["bleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
+
+    # OmniSTEval's own long-form path on the first stream, with the files its CLI takes
+    (tmp_path / "talk.yaml").write_text(
+        "- {duration: 2.0, offset: 0.0, speaker_id: s, wav: talk.wav}\n"
+        "- {duration: 1.5, offset: 2.5, speaker_id: s, wav: talk.wav}\n"
+    )
+    (tmp_path / "ref.txt").write_text("Hallo Welt .\nWie geht es ?\n")
+    instances.write_instances(tmp_path / "one.log", records[:1])
+    ref_words, hyp_words, segmentation, refs = load_resegmentation_inputs(
+        str(tmp_path / "talk.yaml"), None, str(tmp_path / "ref.txt"), str(tmp_path / "one.log")
+    )
+    direct, _ = resegment(ref_words, hyp_words, segmentation, refs)
+    assert [i.prediction for i in direct] == ["Hallo Welt .", "Wie geht es ?"]
+    assert direct[1].emission_cu == [380.0, 700.0, 1340.0, 1500.0]  # relative to the segment's offset
+    expected, _, _ = evaluate_instances(direct, is_longform=True, fix_emission_ca_flag=True)
+    ours = instances.resegment_longform(records[:1], [talk])
+    assert [(i.prediction, i.reference, i.emission_cu, i.emission_ca) for i in ours] == [
+        (i.prediction, i.reference, i.emission_cu, i.emission_ca) for i in direct
+    ]
+    one = instances.omnisteval_scores(tmp_path / "one.log", [talk])
+    for key in ("bleu", "chrf", "long_yaal", "ca_long_yaal", "long_laal", "ca_long_laal"):
+        assert one[key] == pytest.approx(expected[key]), key
+    assert scores["long_yaal"] == pytest.approx(one["long_yaal"])  # both streams have the same CU timings
+    assert scores["ca_long_yaal"] > one["ca_long_yaal"]  # the second stream's CA times are later
+    wall = instances.omnisteval_scores(log, [talk], "wall_clock")["ca_long_yaal"]
+    assert scores["long_yaal"] < wall <= scores["long_yaal"] + 300.0  # every word 300 ms later on the wall clock
+
+    run = evaluate.score_run(log, 1, "de", records, [evaluate.Talk(Path("talk.wav"), tuple(
+        evaluate.Segment(o, d, r) for o, d, r in talk))])  # fmt: skip
+    assert run["streams"] == 2 and run["bleu"] == pytest.approx(100.0) and run["identical_to_n1"] == 1.0
+    assert run["longyaal_cu_ms"] == pytest.approx(scores["long_yaal"]) and run["bleu_delta_vs_n1"] == 0.0

@@ -102,3 +102,33 @@ def test_unreachable_server_fails_before_any_stream(tmp_path):
     argv = ["--url", "127.0.0.1:9", "--source", str(tmp_path / "src.txt"), "--target", str(tmp_path / "ref.txt")]
     assert evaluate.main([*argv, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_longform_talk(server, tmp_path):
+    """The three clips as one talk (a MuST-C YAML of three segments) at N = 1: one instances.log line for the
+    talk, scored with OmniSTEval's long-form path."""
+    import numpy as np
+    import soundfile as sf
+
+    from client.audio import load_audio
+
+    clips = [load_audio(sample_file(c)) for c in CLIPS]
+    sf.write(tmp_path / "talk.wav", np.concatenate(clips), 16_000)
+    offsets = np.cumsum([0] + [len(c) for c in clips[:-1]]) / 16_000
+    (tmp_path / "talk.yaml").write_text(
+        "".join(
+            f"- {{duration: {len(c) / 16_000}, offset: {o}, speaker_id: s, wav: talk.wav}}\n"
+            for c, o in zip(clips, offsets)
+        )  # fmt: skip
+    )
+    (tmp_path / "ref.txt").write_text("".join(f"{r}\n" for r in REFERENCES))
+    argv = ["--url", server.grpc_url, "--segments", str(tmp_path / "talk.yaml"), "--target", str(tmp_path / "ref.txt")]
+    argv += ["--language", "de", "--latency-multiplier", "1", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert evaluate.main([*argv, "--timeout", "60"]) == 0
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "N1" / "instances.log").read_text().splitlines()]
+    assert record["reference"] == " ".join(REFERENCES) and record["errors"] == []
+    assert record["source_length"] == pytest.approx(sum(len(c) for c in clips) / 16, abs=1.0)
+    assert len(record["prediction"].split()) == len(record["delays"]) == len(record["elapsed"]) > 0
+    (run,) = json.loads((tmp_path / "out" / "scores.json").read_text())["runs"]
+    assert run["streams"] == 1 and run["errors"] == 0 and run["identical_to_n1"] == 1.0
+    assert run["longyaal_cu_ms"] is not None and run["longyaal_ca_ms"] >= run["longyaal_cu_ms"]
