@@ -145,10 +145,9 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, path, cfg: EngineConfig, on_event: Callable[[Event], None] | None = None) -> Engine:
-        from infinisst_backend.config import DTYPES
         from infinisst_backend.model.checkpoint import load_checkpoint
 
-        model, tokenizer, model_cfg = load_checkpoint(path, device=cfg.device, dtype=DTYPES[cfg.dtype])
+        model, tokenizer, model_cfg = load_checkpoint(path, device=cfg.device, dtype=torch_dtype(cfg.dtype))
         return cls(model, tokenizer, model_cfg, cfg, on_event)
 
     # ------------------------------------------------------------------ public API (any thread)
